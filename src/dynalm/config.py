@@ -1,0 +1,299 @@
+"""Typed configuration for a whole run.
+
+YAML in, validated by pydantic, unknown keys rejected with the closest valid key
+suggested. Every field carries one line of documentation. The config is never
+mutated after validation: code that needs a derived value computes it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter (reference policy = adapter off) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str | None = Field(
+        None, description="Module names to adapt; null picks the attention projections of the architecture."
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Hub id, local directory, local .gguf file, or the embedded default 'smollm2-135m-instruct'.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    value_head: bool | None = Field(
+        None, description="Add a value head; null = only when the algorithm needs one (a2c, ppo)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run; auto = cuda if available.")
+    use_chat_template: bool = Field(True, description="Wrap prompts in the tokenizer's chat template when it has one.")
+    system_prompt: str | None = Field(None, description="System message for chat templates; null = the template's default.")
+    max_prompt_tokens: int = Field(256, ge=8, description="Prompts longer than this are truncated from the left (with a warning).")
+
+
+class DataConfig(_Section):
+    train: str | None = Field(
+        "builtin:story_train", description="Training prompts: 'builtin:NAME' or a JSONL/CSV path."
+    )
+    eval: str | None = Field("builtin:story_eval", description="Held-out prompts for eval: 'builtin:NAME' or a path.")
+    prompts: list[str] | None = Field(None, description="Inline training prompts; overrides `train` when set.")
+    prompt_field: str = Field("prompt", description="Field of each row holding the prompt.")
+    template: str = Field("{prompt}", description="Text shown to the model; `{prompt}` and any row field can be used.")
+    shuffle: bool = Field(True, description="Shuffle the training prompts each pass (seeded).")
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(48, ge=1, description="Tokens sampled per completion at most.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are taken at this temperature too.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0 = off).")
+    stop_at_eos: bool = Field(True, description="End a completion at the tokenizer's EOS token.")
+
+
+class RewardTerm(_Section):
+    name: str = Field(..., description="Built-in reward name, 'file.py:function' or 'package.module:function'.")
+    weight: float = Field(1.0, description="Weight of this term in the sequence score.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
+    alias: str | None = Field(None, description="Name used in logs; defaults to the function name.")
+
+
+class KLConfig(_Section):
+    coef: float = Field(0.05, ge=0, description="β: weight of the KL penalty to the reference policy.")
+    estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator: k1 = log π − log π_ref, k3 = Schulman's unbiased ≥0 one.")
+    adaptive: bool = Field(False, description="Adapt β toward `target` (Ziegler et al. 2019).")
+    target: float = Field(6.0, gt=0, description="Target KL per sequence (nats) for the adaptive controller.")
+    horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller, in samples.")
+
+
+class EnvConfig(_Section):
+    fluency_coef: float = Field(
+        0.0,
+        description="α: per-token reward α·log P_env(a_t|s_t) from the frozen environment LM (the reference policy); 0 = off.",
+    )
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["a2c", "ppo", "grpo", "rloo"] = Field("ppo", description="Update rule.")
+    advantage: Literal["td", "gae"] | None = Field(
+        None, description="Token advantages for a2c/ppo: td = TD(0), gae = GAE(λ); null = td for a2c, gae for ppo."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages over the batch's valid tokens.")
+    num_generations: int = Field(1, ge=1, description="Completions per prompt (≥2 for grpo and rloo).")
+    epochs: int = Field(1, ge=1, description="Passes over each batch (ppo, grpo, rloo).")
+    minibatch_size: int | None = Field(None, ge=1, description="Completions per gradient step; null = the whole batch.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip ε.")
+    clip_range_value: float | None = Field(0.2, gt=0, description="Value clip around the rollout value (ppo); null = off.")
+    vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null = off.")
+    target_kl: float | None = Field(None, gt=0, description="Stop the epochs early when approx_kl exceeds this.")
+    scale_rewards: bool = Field(True, description="grpo: divide group advantages by the group std.")
+
+    @property
+    def needs_value_head(self) -> bool:
+        return self.name in ("a2c", "ppo")
+
+    @property
+    def advantage_kind(self) -> str:
+        if self.name in ("grpo", "rloo"):
+            return "group"
+        return self.advantage or ("td" if self.name == "a2c" else "gae")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(40, ge=0, description="Optimisation steps (one rollout batch each).")
+    batch_size: int = Field(8, ge=1, description="Completions per step (prompts per step × num_generations).")
+    learning_rate: float = Field(1e-4, gt=0, description="Adam learning rate for the policy.")
+    value_learning_rate: float | None = Field(None, gt=0, description="Adam learning rate for the value head; null = same.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam β1, β2.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores.")
+
+
+class LogConfig(_Section):
+    samples_every: int = Field(5, ge=1, description="Write samples.jsonl every N steps.")
+    checkpoint_every: int = Field(20, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    print_episodes: bool = Field(False, description="Print each episode's cumulative reward (the article's log line).")
+    tensorboard: bool = Field(True, description="Write TensorBoard events.")
+    progress: bool = Field(True, description="Show a live progress bar.")
+
+
+class EvalConfig(_Section):
+    enabled: bool = Field(True, description="Evaluate base vs trained at the end of training.")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many eval prompts; null = all.")
+    batch_size: int = Field(16, ge=1, description="Completions generated at once during eval.")
+    samples_per_prompt: int = Field(1, ge=1, description="Completions per eval prompt.")
+    seed: int = Field(1234, description="Sampling seed for eval, so base and trained see the same randomness.")
+
+
+class Config(_Section):
+    seed: int = Field(0, description="Seed for python, numpy and torch.")
+    task: str = Field("custom", description="Task preset name (informational; presets live in configs/).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="distinct2")])
+    kl: KLConfig = Field(default_factory=KLConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_invariants(self) -> "Config":
+        algo = self.algorithm
+        if algo.name in ("grpo", "rloo") and algo.num_generations < 2:
+            raise ValueError(
+                f"algorithm.num_generations must be >= 2 for {algo.name} (group baselines need several completions per prompt)"
+            )
+        if self.train.batch_size % algo.num_generations:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of algorithm.num_generations ({algo.num_generations})"
+            )
+        if algo.needs_value_head and self.model.value_head is False:
+            raise ValueError(f"algorithm {algo.name} needs a value head but model.value_head is false")
+        if algo.minibatch_size is not None and algo.minibatch_size > self.train.batch_size:
+            raise ValueError("algorithm.minibatch_size must not exceed train.batch_size")
+        if self.data.prompts is not None and not self.data.prompts:
+            raise ValueError("data.prompts is empty")
+        if not self.rewards and self.env.fluency_coef == 0:
+            raise ValueError("no reward: give at least one entry in rewards or set env.fluency_coef")
+        return self
+
+    @property
+    def use_value_head(self) -> bool:
+        return self.algorithm.needs_value_head if self.model.value_head is None else self.model.value_head
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_field_paths(ann, path + "."))
+    return out
+
+
+def _suggest(bad: str) -> str:
+    candidates = _field_paths(Config) + [f"rewards.N.{k}" for k in RewardTerm.model_fields]
+    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.5)
+    if not close:  # try matching only the last component within the same section
+        section, _, leaf = bad.rpartition(".")
+        leaves = [c for c in candidates if c.rpartition(".")[0] == section]
+        close = difflib.get_close_matches(bad, leaves, n=1, cutoff=0.3)
+    return f"did you mean '{close[0]}'?" if close else "see `dynalm config --show` for the valid keys"
+
+
+def _format_validation_error(err: ValidationError) -> UserError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        generic = ".".join("N" if str(p).isdigit() else str(p) for p in e["loc"])
+        return UserError(f"unknown config key '{loc}'", _suggest(generic))
+    if e["type"] == "missing":
+        return UserError(f"config key '{loc}' is required", "add it to the config or pass --set")
+    msg = e["msg"].removeprefix("Value error, ")
+    if loc:
+        got = e.get("input")
+        got_s = f", got {got!r}" if not isinstance(got, (dict, list)) else ""
+        return UserError(f"config key '{loc}': {msg}{got_s}", "fix the value in the config or with --set")
+    return UserError(f"invalid config: {msg}", "fix the config")
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """Turn `['a.b=1', 'c=x']` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set '{item}' is not key=value", "write e.g. --set train.steps=10")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set '{item}' conflicts with another --set", "set each key once")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        elif k == "rewards" and isinstance(v, dict) and isinstance(out.get(k), list):
+            # --set rewards.0.weight=2 addresses list items by index
+            items = list(out[k])
+            for idx, sub in v.items():
+                i = int(idx)
+                if not 0 <= i < len(items):
+                    raise UserError(f"--set rewards.{idx}: there are {len(items)} reward terms", "use an index in range")
+                items[i] = deep_merge(items[i], sub) if isinstance(sub, dict) else sub
+            out[k] = items
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' not found", "check the path, e.g. configs/story.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"config file '{path}' is not valid YAML: {first}", "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping at the top level", "write key: value pairs")
+    return data
+
+
+def build_config(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply `--set` style overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    over = overrides if isinstance(overrides, dict) else parse_set(overrides)
+    return build_config(deep_merge(raw, over))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
