@@ -1,0 +1,224 @@
+"""The policy π(a|s) — a causal LM — and the critic V(s): a linear head on its last hidden layer.
+
+The article (section 3.3) puts the value network on the policy's own trunk; so do we.
+With LoRA the reference policy is the same weights with the adapter disabled, so there
+is one copy of the model in memory. With full fine-tuning a frozen copy is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import Config, ModelConfig
+from .loading import load_causal_lm
+
+# LoRA targets per architecture: the attention projections (as TRL's examples do).
+_ATTN_TARGETS = {
+    "gpt2": ["c_attn", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "bloom": ["query_key_value", "dense"],
+    "falcon": ["query_key_value", "dense"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+}
+_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_targets(model_type: str, configured) -> list[str] | str:
+    if configured:
+        return configured
+    return _ATTN_TARGETS.get(model_type, _DEFAULT_TARGETS)
+
+
+@dataclass
+class ForwardOut:
+    logprobs: torch.Tensor  # [B, T] log π(a_t | s_t) of the given actions
+    values: torch.Tensor | None  # [B, T] V(s_t)
+    entropy: torch.Tensor | None  # [B, T]
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """RL needs the update's log-probs to match the rollout's: dropout would add noise to
+    the PPO ratio and bias the KL (TRL does the same)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class PolicyValueModel(nn.Module):
+    """A causal LM policy with an optional value head and a reference policy."""
+
+    def __init__(self, lm: nn.Module, tokenizer, *, lora: bool, value_head: bool, ref_lm: nn.Module | None = None):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.lora = lora
+        self.ref_lm = ref_lm
+        hidden = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            # Small init keeps early values near zero, so early advantages ≈ rewards.
+            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5 * 0.1)
+            nn.init.zeros_(self.value_head.bias)
+        if ref_lm is not None:
+            ref_lm.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | None = None) -> "PolicyValueModel":
+        return cls.build(cfg.model, value_head=cfg.use_value_head, device=device)
+
+    @classmethod
+    def build(
+        cls, mcfg: ModelConfig, *, value_head: bool, device: torch.device | None = None, frozen: bool = False
+    ) -> "PolicyValueModel":
+        """`frozen=True` loads the LM alone for inference: no adapter, no reference copy."""
+        device = device or pick_device(mcfg.device)
+        lm, tok = load_causal_lm(mcfg.name, dtype=torch.float32)
+        lm.config.use_cache = True
+        disable_dropout(lm)
+        ref = None
+        if frozen:
+            lm.requires_grad_(False)
+        elif mcfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = LoraConfig(
+                r=mcfg.lora.r,
+                lora_alpha=mcfg.lora.alpha,
+                lora_dropout=mcfg.lora.dropout,
+                target_modules=lora_targets(lm.config.model_type, mcfg.lora.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            lm = get_peft_model(lm, lcfg)
+        else:
+            ref = copy.deepcopy(lm)
+        model = cls(lm, tok, lora=mcfg.lora.enabled and not frozen, value_head=value_head, ref_lm=ref)
+        return model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ parameters
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.lm.parameters() if p.requires_grad]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return list(self.value_head.parameters()) if self.value_head is not None else []
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: LoRA weights (or the full LM) and the value head."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.trainable_state_dict() if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        self.load_state_dict(state, strict=False)
+
+    # ------------------------------------------------------------------ forward passes
+    @contextlib.contextmanager
+    def reference(self):
+        """Yield the reference LM: the adapter switched off, or the frozen copy."""
+        if self.lora:
+            with self.lm.disable_adapter():
+                yield self.lm
+        else:
+            yield self.ref_lm if self.ref_lm is not None else self.lm
+
+    def _run(self, lm, input_ids, attention_mask, n_actions: int, temperature: float, want_values: bool, want_entropy: bool):
+        pos = position_ids_from_mask(attention_mask)
+        with self.autocast():
+            out = lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=pos,
+                output_hidden_states=want_values,
+                use_cache=False,
+                logits_to_keep=n_actions + 1,
+            )
+        # logits at position p predict token p+1: the last n_actions+1 positions minus the final one
+        logits = out.logits[:, :-1].float() / temperature
+        actions = input_ids[:, -n_actions:]
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        entropy = None
+        if want_entropy:
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        values = None
+        if want_values:
+            h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
+            values = self.value_head(h).squeeze(-1)
+        return ForwardOut(logprobs, values, entropy)
+
+    def forward(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0, entropy: bool = True) -> ForwardOut:
+        """Log-probs of the last `n_actions` tokens, V(s_t) before each, and entropies."""
+        return self._run(
+            self.lm, input_ids, attention_mask, n_actions, temperature, self.value_head is not None, entropy
+        )
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0) -> torch.Tensor:
+        with self.reference() as ref:
+            return self._run(ref, input_ids, attention_mask, n_actions, temperature, False, False).logprobs
+
+    @torch.no_grad()
+    def step_logits(self, lm, input_ids, attention_mask, position_ids, past, want_values: bool):
+        """One incremental forward with the KV cache; returns last-position logits, values, cache."""
+        with self.autocast():
+            out = lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                output_hidden_states=want_values,
+                logits_to_keep=1,
+            )
+        logits = out.logits[:, -1].float()
+        values = None
+        if want_values and self.value_head is not None:
+            values = self.value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
+        return logits, values, out.past_key_values
+
+    # ------------------------------------------------------------------ export
+    def export(self, out_dir) -> None:
+        """Save a plain transformers model (LoRA merged) plus `value_head.safetensors`."""
+        from safetensors.torch import save_file
+
+        if self.lora:
+            merged = copy.deepcopy(self.lm).merge_and_unload()
+        else:
+            merged = self.lm
+        merged.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.value_head is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                f"{out_dir}/value_head.safetensors",
+            )
