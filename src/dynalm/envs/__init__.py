@@ -1,0 +1,3 @@
+from .text import TextEnv
+
+__all__ = ["TextEnv"]

@@ -1,0 +1,37 @@
+"""The single-turn text environment (seed section 3.1 for one step).
+
+State s_0 is the rendered prompt; the action is the whole completion, taken token by token
+(s_{t+1} = s_t + a_t); the episode ends at EOS or the token limit, and the sequence reward
+comes from the configured reward functions. The environment LM's own per-token reward
+(the article's `compute_reward(action, next_logits)`) is α·log P_env(a_t|s_t), with the
+frozen reference policy as P_env; the trainer adds it from the reference log-probs.
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..data import render_template
+from ..rewards import RewardSet, ScoredTerms
+from ..rl.rollout import render_prompt
+
+
+class TextEnv:
+    def __init__(self, cfg: Config, tokenizer, rewards: RewardSet | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.rewards = rewards if rewards is not None else RewardSet(cfg.rewards)
+
+    def reset(self, row: dict) -> str:
+        """The initial state: the prompt as the model sees it."""
+        d = self.cfg.data
+        text = render_template(d.template, row, d.prompt_field)
+        m = self.cfg.model
+        return render_prompt(self.tokenizer, text, chat=m.use_chat_template, system_prompt=m.system_prompt)
+
+    def step(self, rows: list[dict], completions: list[str]) -> tuple[list[str], ScoredTerms, list[bool]]:
+        """Next states, rewards and done flags for a batch of finished completions."""
+        prompts = [str(r[self.cfg.data.prompt_field]) for r in rows]
+        extras = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {self.cfg.data.prompt_field})}
+        scored = self.rewards(prompts, completions, **extras)
+        next_states = [self.reset(r) + c for r, c in zip(rows, completions)]
+        return next_states, scored, [True] * len(rows)

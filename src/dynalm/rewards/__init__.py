@@ -1,0 +1,154 @@
+"""Reward functions and their weighted composition.
+
+A reward function is `fn(prompts: list[str], completions: list[str], **extras) -> list[float]`
+(TRL's shape). Config names one or several: a built-in by name, a user's callable as
+`path/to/file.py:function` or `package.module:function`. Each term is checked (one finite
+number per completion) and logged on its own; the sequence score is their weighted sum.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..config import RewardTerm
+from ..errors import UserError
+from . import models, text
+
+RewardFn = Callable[..., list[float]]
+
+BUILTINS: dict[str, RewardFn] = {
+    "distinct1": text.distinct1,
+    "distinct2": text.distinct2,
+    "novelty": text.novelty,
+    "repetition": text.repetition,
+    "length": text.length,
+    "relatedness": models.relatedness,
+    "sentiment": models.sentiment,
+}
+
+
+def register(name: str, fn: RewardFn | None = None):
+    """Register a built-in reward (usable as a decorator)."""
+
+    def deco(f):
+        BUILTINS[name] = f
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def _load_file_function(spec: str) -> RewardFn:
+    path_s, _, fn_name = spec.rpartition(":")
+    path = Path(path_s)
+    if not path.is_file():
+        raise UserError(f"reward file '{path_s}' not found", "give 'path/to/file.py:function'")
+    mod_name = f"dynalm_user_reward_{abs(hash(str(path.resolve())))}"
+    module = sys.modules.get(mod_name)
+    if module is None:
+        ispec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(ispec)
+        try:
+            ispec.loader.exec_module(module)
+        except Exception as exc:  # the user's file failed to import
+            raise UserError(f"reward file '{path_s}' failed to import: {type(exc).__name__}: {exc}", "fix the file") from None
+        sys.modules[mod_name] = module
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"reward file '{path_s}' has no function '{fn_name}'", "check the name after the colon")
+    return fn
+
+
+def resolve(name: str) -> RewardFn:
+    """A reward function from a built-in name, 'file.py:fn' or 'package.module:fn'."""
+    if name in BUILTINS:
+        return BUILTINS[name]
+    if ":" in name:
+        target, _, fn_name = name.rpartition(":")
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            return _load_file_function(name)
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UserError(f"reward module '{target}' cannot be imported: {exc}", "check the module path") from None
+        fn = getattr(module, fn_name, None)
+        if not callable(fn):
+            raise UserError(f"module '{target}' has no function '{fn_name}'", "check the name after the colon")
+        return fn
+    import difflib
+
+    close = difflib.get_close_matches(name, BUILTINS, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"built-ins: {', '.join(sorted(BUILTINS))}; or 'file.py:function'"
+    raise UserError(f"unknown reward '{name}'", hint)
+
+
+def term_name(term: RewardTerm) -> str:
+    if term.alias:
+        return term.alias
+    return term.name.rpartition(":")[2] if ":" in term.name else term.name
+
+
+@dataclass
+class ScoredTerms:
+    terms: dict[str, list[float]]
+    scores: list[float]
+
+
+class RewardSet:
+    """The configured reward terms, called together."""
+
+    def __init__(self, terms: list[RewardTerm]):
+        self.terms = [(term_name(t), resolve(t.name), t) for t in terms]
+        names = [n for n, _, _ in self.terms]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise UserError(f"two reward terms are named '{sorted(dup)[0]}'", "give one of them an alias")
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _, _ in self.terms]
+
+    def __call__(self, prompts: list[str], completions: list[str], **extras) -> ScoredTerms:
+        out: dict[str, list[float]] = {}
+        for name, fn, term in self.terms:
+            try:
+                vals = fn(prompts, completions, **extras, **term.kwargs)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise UserError(
+                    f"reward function '{name}' raised {type(exc).__name__}: {exc}", "fix the reward function"
+                ) from None
+            out[name] = check_values(name, vals, len(completions))
+        scores = [sum(t.weight * out[n][i] for n, _, t in self.terms) for i in range(len(completions))]
+        return ScoredTerms(out, scores)
+
+
+def check_values(name: str, vals, n: int) -> list[float]:
+    try:
+        vals = list(vals)
+    except TypeError:
+        raise UserError(
+            f"reward function '{name}' returned {type(vals).__name__}, not a list", "return one float per completion"
+        ) from None
+    if len(vals) != n:
+        raise UserError(
+            f"reward function '{name}' returned {len(vals)} values for {n} completions", "return one float per completion"
+        )
+    out = []
+    for i, v in enumerate(vals):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"reward function '{name}' returned a non-number at index {i}: {v!r}", "return floats"
+            ) from None
+        if not math.isfinite(f):
+            raise UserError(f"reward function '{name}' returned {f} at index {i}", "return finite numbers")
+        out.append(f)
+    return out
