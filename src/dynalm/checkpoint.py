@@ -1,0 +1,77 @@
+"""Atomic checkpoints: written to a temporary folder, flushed, renamed, then `latest` updated.
+
+A checkpoint holds the trainable weights (LoRA + value head, or the full model) in
+safetensors and the rest of the run state (optimizer, scheduler, KL controller, step,
+RNG states, data position) in `state.pt`. The last K are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    ptr = ckpt_root / "latest"
+    if ptr.is_file():
+        p = ckpt_root / ptr.read_text().strip()
+        if (p / "state.pt").is_file() and (p / "weights.safetensors").is_file():
+            return p
+    return None
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    weights = load_file(str(path / "weights.safetensors"), device=str(map_location))
+    state = torch.load(path / "state.pt", map_location=map_location, weights_only=False)
+    return weights, state

@@ -1,0 +1,73 @@
+"""The one batch object that flows through a training step.
+
+Layout: every row is `[left-padded prompt | completion, right-padded]`. All prompts end
+at the same column P, so the completion region is columns P..P+T-1 for every row and
+per-token tensors are [B, T]. Padding is tracked only by masks, never by token ids.
+Each stage of the step adds fields; none rewrites an earlier stage's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Batch:
+    # rollout
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    action_mask: torch.Tensor  # [B, T] float: 1 on real completion tokens (EOS included)
+    logprobs: torch.Tensor  # [B, T] log π_old(a_t|s_t)
+    values: torch.Tensor | None  # [B, T] V_old(s_t)
+    prompts: list[str]  # raw prompts (before templating), one per row
+    completions: list[str]  # decoded completion text (EOS stripped)
+    group: torch.Tensor  # [B] index of the prompt each row came from
+    ended: torch.Tensor  # [B] bool: the completion reached EOS
+    extras: dict = field(default_factory=dict)  # per-row data fields passed to reward functions
+    # scoring
+    ref_logprobs: torch.Tensor | None = None  # [B, T]
+    scores: torch.Tensor | None = None  # [B] weighted sequence score
+    reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B]
+    rewards: torch.Tensor | None = None  # [B, T] per-token rewards (score on the last token, KL and shaping per token)
+    # advantages
+    advantages: torch.Tensor | None = None  # [B, T]
+    returns: torch.Tensor | None = None  # [B, T]
+
+    @property
+    def n_actions(self) -> int:
+        return self.action_mask.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.action_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: torch.Tensor) -> "Batch":
+        """A minibatch view (tensor fields indexed by `idx`)."""
+
+        def take(x):
+            return x[idx] if isinstance(x, torch.Tensor) else x
+
+        ids = idx.tolist()
+        return Batch(
+            input_ids=take(self.input_ids),
+            attention_mask=take(self.attention_mask),
+            action_mask=take(self.action_mask),
+            logprobs=take(self.logprobs),
+            values=take(self.values),
+            prompts=[self.prompts[i] for i in ids],
+            completions=[self.completions[i] for i in ids],
+            group=take(self.group),
+            ended=take(self.ended),
+            extras={k: [v[i] for i in ids] for k, v in self.extras.items()},
+            ref_logprobs=take(self.ref_logprobs),
+            scores=take(self.scores),
+            reward_terms={k: take(v) for k, v in self.reward_terms.items()},
+            rewards=take(self.rewards),
+            advantages=take(self.advantages),
+            returns=take(self.returns),
+        )

@@ -1,0 +1,329 @@
+"""The training loop: rollout → score → reference → rewards → advantages → update → log.
+
+Reads top to bottom, one step at a time. Each stage adds fields to the Batch; none reaches
+back into an earlier one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..envs import TextEnv
+from ..errors import UserError
+from ..models.policy import PolicyValueModel
+from . import advantages as adv_mod
+from . import losses
+from .batch import Batch
+from .kl import KLController
+from .rollout import rollout
+
+
+class NonFiniteError(UserError):
+    """A NaN or inf appeared in a loss, a gradient or a reward."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PromptSampler:
+    """Deterministic, resumable order over the training rows: shuffled each pass when asked."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._order = self._make_order()
+
+
+def build_optimizer(model: PolicyValueModel, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [{"params": model.policy_parameters(), "lr": t.learning_rate}]
+    if model.value_head is not None:
+        groups.append({"params": model.value_parameters(), "lr": t.value_learning_rate or t.learning_rate})
+    if t.weight_decay:
+        return torch.optim.AdamW(groups, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    return torch.optim.Adam(groups, betas=tuple(t.adam_betas))
+
+
+def build_scheduler(opt, cfg: Config):
+    w = cfg.train.warmup_steps
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
+    """r_t = −β·KL_t (a2c, ppo) + α·log P_env(a_t|s_t), plus the sequence score on the last token."""
+    mask = batch.action_mask
+    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
+    rewards = torch.zeros_like(mask)
+    if cfg.algorithm.name in ("a2c", "ppo"):
+        rewards = rewards - beta * kl_t
+    if cfg.env.fluency_coef:
+        rewards = rewards + cfg.env.fluency_coef * batch.ref_logprobs * mask
+    last = (batch.lengths.long() - 1).clamp(min=0)
+    rewards[torch.arange(len(batch)), last] += batch.scores
+    batch.rewards = rewards * mask
+
+
+def add_advantages(batch: Batch, cfg: Config, beta: float) -> None:
+    a = cfg.algorithm
+    mask = batch.action_mask
+    kind = a.advantage_kind
+    if kind == "td":
+        batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, a.gamma)
+    elif kind == "gae":
+        batch.advantages, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, a.gamma, a.lam)
+    else:
+        # Critic-free: one number per sequence, spread over its tokens.
+        seq = batch.rewards.sum(-1)  # score + fluency shaping (KL is added below for rloo)
+        if a.name == "rloo":
+            kl_seq = (losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask).sum(-1)
+            seq = seq - beta * kl_seq
+            per_seq = adv_mod.leave_one_out_advantages(seq, batch.group)
+        else:
+            per_seq = adv_mod.group_advantages(seq, batch.group, scale=a.scale_rewards)
+        batch.advantages = per_seq[:, None] * mask
+        batch.returns = batch.advantages.clone()
+        return
+    if a.whiten_advantages and mask.sum() > 1:
+        batch.advantages = adv_mod.whiten(batch.advantages, mask)
+
+
+def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int) -> dict:
+    """The algorithm's gradient steps on one batch; returns averaged diagnostics."""
+    a = cfg.algorithm
+    B, T = batch.action_mask.shape
+    mbs = a.minibatch_size or B
+    temp = cfg.generation.temperature
+    model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    stop = False
+    for _epoch in range(a.epochs):
+        perm = torch.randperm(B, generator=gen).to(batch.input_ids.device) if a.epochs > 1 or mbs < B else torch.arange(B)
+        for start in range(0, B, mbs):
+            mb = batch.rows(perm[start : start + mbs])
+            mask = mb.action_mask
+            out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=temp)
+            if a.name == "a2c":
+                pl = losses.a2c_policy_loss(out.logprobs, mb.advantages, mask)
+                with torch.no_grad():
+                    _, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
+            else:
+                pl, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
+            loss = pl
+            vl = torch.zeros(())
+            vclip = torch.zeros(())
+            if out.values is not None and a.needs_value_head:
+                if a.name == "a2c":
+                    vl = losses.value_loss(out.values, mb.returns, mask)
+                else:
+                    vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
+                loss = loss + a.vf_coef * vl
+            ent = losses.entropy_bonus(out.entropy, mask)
+            if a.ent_coef:
+                loss = loss - a.ent_coef * ent
+            kl_loss = torch.zeros(())
+            if a.name == "grpo" and beta:
+                kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3"), mask)
+                loss = loss + beta * kl_loss
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"non-finite loss at step {step} (policy_loss={pl.item()}, value_loss={vl.item()})",
+                    "lower train.learning_rate or check the reward scale; resume from the last checkpoint",
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            if a.max_grad_norm is not None:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+            else:
+                gnorm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None))
+            if not torch.isfinite(gnorm):
+                raise NonFiniteError(
+                    f"non-finite gradient norm at step {step}",
+                    "lower train.learning_rate or set algorithm.max_grad_norm; resume from the last checkpoint",
+                )
+            opt.step()
+            for k, v in {
+                "policy_loss": pl,
+                "value_loss": vl,
+                "value_clipfrac": vclip,
+                "entropy": ent,
+                "approx_kl": st["approx_kl"],
+                "clipfrac": st["clipfrac"],
+                "grad_norm": gnorm,
+                "kl_loss": kl_loss,
+            }.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+            count += 1
+            if a.target_kl is not None and float(st["approx_kl"]) > a.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    out = {k: v / count for k, v in sums.items()}
+    out["update_passes"] = count
+    return out
+
+
+@dataclass
+class StepResult:
+    batch: Batch
+    metrics: dict
+
+
+class Trainer:
+    """Owns the model, optimizer and state of one run; `step()` does one RL iteration."""
+
+    def __init__(self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: TextEnv | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.rows = train_rows
+        self.env = env or TextEnv(cfg, model.tokenizer)
+        self.opt = build_optimizer(model, cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        k = cfg.kl
+        self.kl_ctl = KLController(k.coef, k.target if k.adaptive else None, k.horizon)
+        self.sampler = PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle)
+        dev = model.device
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step_idx = 0
+        self.truncated_prompts = 0
+
+    # -------------------------------------------------------------- state for checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_idx,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "kl": self.kl_ctl.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "gen": self.gen.get_state(),
+            "update_gen": self.update_gen.get_state(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        self.step_idx = s["step"]
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        self.kl_ctl.load_state_dict(s["kl"])
+        self.sampler.load_state_dict(s["sampler"])
+        self.gen.set_state(s["gen"])
+        self.update_gen.set_state(s["update_gen"])
+        random.setstate(s["rng"]["python"])
+        np.random.set_state(s["rng"]["numpy"])
+        torch.set_rng_state(s["rng"]["torch"])
+
+    # -------------------------------------------------------------- one iteration
+    def step(self) -> StepResult:
+        cfg = self.cfg
+        a = cfg.algorithm
+        n = a.num_generations
+        t0 = time.perf_counter()
+        idx = self.sampler.take(cfg.train.batch_size // n)
+        rows = [self.rows[i] for i in idx for _ in range(n)]
+        group = [g for g in range(len(idx)) for _ in range(n)]
+        states = [self.env.reset(r) for r in rows]
+        batch, trunc = rollout(
+            self.model,
+            rows,
+            states,
+            cfg.generation,
+            max_prompt_tokens=cfg.model.max_prompt_tokens,
+            group=group,
+            prompt_field=cfg.data.prompt_field,
+            generator=self.gen,
+        )
+        self.truncated_prompts += trunc
+        t1 = time.perf_counter()
+
+        _, scored, _ = self.env.step(rows, batch.completions)
+        dev = batch.action_mask.device
+        batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
+        batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
+        t2 = time.perf_counter()
+
+        batch.ref_logprobs = self.model.reference_logprobs(
+            batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
+        )
+        beta = self.kl_ctl.value
+        add_token_rewards(batch, cfg, beta)
+        add_advantages(batch, cfg, beta)
+        t3 = time.perf_counter()
+
+        stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, self.step_idx + 1)
+        self.sched.step()
+        t4 = time.perf_counter()
+
+        mask = batch.action_mask
+        kl_seq = ((batch.logprobs - batch.ref_logprobs) * mask).sum(-1)
+        self.kl_ctl.update(float(kl_seq.mean()), len(batch))
+        self.step_idx += 1
+        n_tokens = float(mask.sum())
+        m = {
+            "step": self.step_idx,
+            "reward": float(batch.scores.mean()),
+            "reward_std": float(batch.scores.std()) if len(batch) > 1 else 0.0,
+            **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_terms.items()},
+            "return": float(batch.rewards.sum(-1).mean()),
+            "kl": float(kl_seq.mean()),
+            "beta": beta,
+            **stats,
+            "completion_len": float(batch.lengths.mean()),
+            "eos_rate": float(batch.ended.float().mean()),
+            "lr": self.sched.get_last_lr()[0],
+            "tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
+            "time/rollout": t1 - t0,
+            "time/reward": t2 - t1,
+            "time/reference": t3 - t2,
+            "time/update": t4 - t3,
+            "time/step": t4 - t0,
+        }
+        if batch.values is not None and a.needs_value_head:
+            m["explained_variance"] = adv_mod.explained_variance(batch.values, batch.returns, mask)
+            m["value_mean"] = float(adv_mod.masked_mean(batch.values, mask))
+        for k, v in m.items():
+            if isinstance(v, float) and math.isnan(v) and k != "explained_variance":
+                raise NonFiniteError(f"non-finite {k} at step {self.step_idx}", "check the reward function and learning rate")
+        return StepResult(batch, m)
