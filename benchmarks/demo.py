@@ -1,0 +1,72 @@
+"""Run the README's demo (story task, embedded model) and record wall time and eval numbers.
+
+    python benchmarks/demo.py [--out runs/demo] [--set key=value ...]
+
+Writes benchmarks/results/demo.json; the README quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--config", default="configs/story.yaml")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--results", default="benchmarks/results/demo.json")
+    a = ap.parse_args()
+    cmd = [sys.executable, "-m", "dynalm", "train", "--config", a.config, "--out", a.out, "--force"]
+    for s in a.set:
+        cmd += ["--set", s]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t
+    run = Path(a.out)
+    ev = json.loads((run / "eval.json").read_text())
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    med = sorted(m["time/step"] for m in metrics)[len(metrics) // 2]
+    keys = ["reward", "reward/relatedness", "reward/distinct2", "reward/novelty", "reward/repetition", "kl",
+            "perplexity_ref", "distinct2", "mean_length", "eos_rate"]
+    res = {
+        "command": " ".join(["python", "benchmarks/demo.py"] + [f"--set {s}" for s in a.set]),
+        "machine": machine(),
+        "wall_seconds": round(wall, 1),
+        "steps": len(metrics),
+        "median_step_seconds": round(med, 2),
+        "eval_prompts": ev["n_prompts"],
+        "base": {k: ev["base"][k] for k in keys if k in ev["base"]},
+        "trained": {k: ev["trained"][k] for k in keys if k in ev["trained"]},
+        "delta_reward": ev["delta_reward"],
+        "samples": [
+            {"prompt": b["prompt"], "base": b["completion"], "trained": tr["completion"]}
+            for b, tr in list(zip(ev["base"]["samples"], ev["trained"]["samples"]))[:3]
+        ],
+    }
+    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.results).write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps({k: res[k] for k in ("wall_seconds", "steps", "median_step_seconds", "delta_reward")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""`dynalm` command line: train, generate, eval, config.
+
+A user's mistake prints one line, `dynalm: error: <what> (<how to fix>)`, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes: same one-line shape, exit 2
+        raise UserError(message, f"see `{self.prog} --help`")
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=required, help="YAML config, e.g. configs/story.yaml")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="dynalm", description="Model-based RL for language models: policy + value head + LM environment.")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"dynalm {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a policy (a2c, ppo, grpo, rloo)")
+    _add_config_args(t)
+    t.add_argument("--out", "-o", help="run directory (default runs/<task>-<algo>-<time>)")
+    t.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+
+    g = sub.add_parser("generate", help="sample completions from a trained run or any model")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory")
+    src.add_argument("--model", help="hub id, local directory, .gguf file or 'smollm2-135m-instruct'")
+    g.add_argument("--prompt", "-p", required=True, action="append", help="prompt text (repeatable)")
+    g.add_argument("-n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--max-new-tokens", type=int, help="override generation.max_new_tokens")
+    g.add_argument("--temperature", type=float, help="override generation.temperature")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--raw", action="store_true", help="do not apply the task template / chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print JSON lines")
+    _add_config_args(g)
+
+    e = sub.add_parser("eval", help="evaluate on the eval split: rewards, KL, perplexity, distinct-n")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (base vs trained; writes RUN_DIR/eval.json)")
+    src.add_argument("--model", help="evaluate a model as is")
+    e.add_argument("--out", help="write the JSON result here too")
+    _add_config_args(e)
+
+    c = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
+    _add_config_args(c)
+    return ap
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .run import Stopped, train
+
+    if args.resume and (args.config or args.set or args.out):
+        raise UserError("--resume takes the config of the run it continues", "drop --config/--set/--out when resuming")
+    cfg = None if args.resume else load_config(args.config, args.set)
+    try:
+        run_dir = train(cfg, args.out, force=args.force, resume=args.resume, echo=lambda s: print(s, flush=True))
+    except Stopped as s:
+        return 128 + int(s.signum)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _model_and_cfg(args):
+    from .config import load_config, parse_set
+    from .models.policy import PolicyValueModel
+    from .run import load_run
+
+    if args.run:
+        over = parse_set(args.set)
+        if args.config:
+            from .config import deep_merge, read_yaml
+
+            over = deep_merge(read_yaml(args.config), over)
+        return load_run(args.run, over)
+    cfg = load_config(args.config, list(args.set) + [f"model.name={args.model}"])
+    return cfg, PolicyValueModel.build(cfg.model, value_head=False, frozen=True)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .envs import TextEnv
+    from .rl.rollout import decode_completions, encode_prompts, sample
+
+    if args.n < 1:
+        raise UserError("-n must be at least 1", "pass -n 1 or more")
+    cfg, model = _model_and_cfg(args)
+    gen_cfg = cfg.generation.model_copy(
+        update={
+            k: v
+            for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}.items()
+            if v is not None
+        }
+    )
+    env = TextEnv(cfg, model.tokenizer, rewards=None) if not args.raw else None
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    states = [p if args.raw else env.reset({cfg.data.prompt_field: p}) for p in prompts]
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
+    ids, _, amask, _, _, ended = sample(model, p_ids, p_mask, gen_cfg, generator=gen, with_values=False, greedy=args.greedy)
+    comps = decode_completions(model.tokenizer, ids, amask, ended)
+    for p, c in zip(prompts, comps):
+        if args.json:
+            print(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False))
+        else:
+            print(f"### {p}\n{c}\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import write_text_atomic
+    from .evaluate import evaluate, summary_table
+    from .report import write_report
+    from .run import eval_rows
+
+    cfg, model = _model_and_cfg(args)
+    rows = eval_rows(cfg)
+    if rows is None:
+        raise UserError("no eval data: data.eval is empty", "set data.eval in the config or with --set")
+    result = evaluate(model, rows, cfg, base=True, trained=bool(args.run))
+    if args.run:
+        write_text_atomic(Path(args.run) / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
+        write_report(Path(args.run), result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(args.out), json.dumps(result, indent=2, ensure_ascii=False))
+    print(summary_table(result))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and errors are the interface; silence the libraries' bars and warnings."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "config": cmd_config}[args.cmd](args)
+    except UserError as err:
+        print(f"dynalm: error: {err.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dynalm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
