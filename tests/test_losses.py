@@ -1,0 +1,63 @@
+"""Losses and KL estimators against plain reference maths."""
+
+import math
+
+import pytest
+import torch
+
+from dynalm.rl import losses as L
+
+MASK = torch.tensor([[1.0, 1.0, 0.0]])
+
+
+def test_a2c_policy_loss_is_minus_mean_adv_times_logp_and_adv_is_detached():
+    logp = torch.tensor([[-1.0, -2.0, -5.0]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0, 100.0]], requires_grad=True)
+    loss = L.a2c_policy_loss(logp, adv, MASK)
+    # −(2·−1 + −1·−2)/2 = −(−2 + 2)/2 = 0
+    assert loss.item() == pytest.approx(0.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.0, 0.5, 0.0]]))  # −A/n, padding gets none
+    assert adv.grad is None
+
+
+def test_value_loss_hand():
+    v = torch.tensor([[1.0, 0.0, 7.0]])
+    ret = torch.tensor([[0.0, 2.0, 0.0]])
+    assert L.value_loss(v, ret, MASK).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_ppo_loss_unclipped_and_clipped():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.5, 0.75, 0.1]]))  # ratios 1.0, 1.5, (pad)
+    adv = torch.tensor([[1.0, 1.0, 1.0]])
+    loss, st = L.ppo_policy_loss(new, old, adv, MASK, clip=0.2)
+    # min(1·1, 1·1) = 1 ; min(1.5, 1.2) = 1.2 → −(1 + 1.2)/2
+    assert loss.item() == pytest.approx(-1.1)
+    assert st["clipfrac"].item() == pytest.approx(0.5)
+    # approx_kl = mean((ρ−1) − log ρ) = (0 + (0.5 − log 1.5))/2
+    assert st["approx_kl"].item() == pytest.approx((0.5 - math.log(1.5)) / 2, rel=1e-5)
+    # negative advantage: min(ρA, clip(ρ)A) picks the unclipped −1.5
+    loss2, _ = L.ppo_policy_loss(new, old, -adv, MASK, clip=0.2)
+    assert loss2.item() == pytest.approx((1 + 1.5) / 2)
+
+
+def test_clipped_value_loss():
+    v = torch.tensor([[2.0, 0.0, 0.0]])
+    old = torch.tensor([[1.0, 0.0, 0.0]])
+    ret = torch.tensor([[3.0, 1.0, 0.0]])
+    loss, frac = L.clipped_value_loss(v, old, ret, MASK, clip=0.2)
+    # row0: unclipped (2−3)² = 1, clipped V = 1.2 → (1.2−3)² = 3.24 → 3.24; row1: 1 and 1 → 1
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
+    assert frac.item() == pytest.approx(0.5)
+
+
+def test_kl_estimators():
+    logp = torch.tensor([math.log(0.5)])
+    ref = torch.tensor([math.log(0.25)])
+    assert L.kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    # r = 0.25 / 0.5 = 0.5 → (r − 1) − log r = −0.5 + log 2
+    assert L.kl_penalty(logp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    assert L.kl_penalty(ref, ref, "k3").item() == 0.0
+    with pytest.raises(ValueError):
+        L.kl_penalty(logp, ref, "k9")

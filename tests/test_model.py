@@ -1,0 +1,110 @@
+"""Policy + value model: reference log-probs, KV-cache sampling, padding, parameter updates."""
+
+import pytest
+import torch
+
+from dynalm.config import build_config
+from dynalm.models.policy import PolicyValueModel
+from dynalm.rl.rollout import encode_prompts, sample
+from dynalm.rl.trainer import Trainer, seed_everything
+
+from conftest import tiny_overrides
+
+
+def _model(model_dir, prompts_file, **extra):
+    cfg = build_config(tiny_overrides(model_dir, prompts_file, **extra))
+    seed_everything(0)
+    return cfg, PolicyValueModel.from_config(cfg)
+
+
+def _perturb_lora(model):
+    with torch.no_grad():
+        for n, p in model.lm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_reference_logprobs_equal_base_model(fixture, request, prompts_file):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = request.getfixturevalue(fixture)
+    cfg, model = _model(model_dir, prompts_file)
+    _perturb_lora(model)  # the adapter now changes the policy ...
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = model.tokenizer
+    ids, mask, _ = encode_prompts(tok, ["the cat sat on the mat", "once upon a time"], 64, "cpu")
+    T = 3
+    ref = model.reference_logprobs(ids, mask, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    expect = torch.log_softmax(logits[:, -T - 1 : -1], -1).gather(-1, ids[:, -T:, None]).squeeze(-1)
+    assert torch.allclose(ref, expect, atol=1e-5)  # ... but the reference is the base model
+    pol = model(ids, mask, T).logprobs
+    assert not torch.allclose(pol, expect, atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_kv_cache_sampling_matches_full_forward(fixture, request, prompts_file):
+    """Log-probs and values recorded while sampling (KV cache, left padding) equal a full forward."""
+    cfg, model = _model(request.getfixturevalue(fixture), prompts_file)
+    _perturb_lora(model)
+    with torch.no_grad():
+        model.value_head.weight.normal_()
+    ids, mask, _ = encode_prompts(model.tokenizer, ["the cat", "once upon a time there was a king"], 64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    out_ids, attn, amask, logp, values, ended = sample(model, ids, mask, cfg.generation, generator=g)
+    full = model(out_ids, attn, amask.shape[1])
+    assert torch.allclose(full.logprobs * amask, logp, atol=1e-5)
+    assert torch.allclose(full.values * amask, values, atol=1e-5)
+
+
+def test_left_padding_does_not_change_logprobs(tiny_llama, prompts_file):
+    cfg, model = _model(tiny_llama, prompts_file)
+    tok = model.tokenizer
+    short = "the cat sat"
+    ids1, m1, _ = encode_prompts(tok, [short], 64, "cpu")
+    ids2, m2, _ = encode_prompts(tok, [short, "once upon a time there was a big red dog"], 64, "cpu")
+    a = model(ids1, m1, 2).logprobs[0]
+    b = model(ids2, m2, 2).logprobs[0]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_top_k_one_is_greedy(tiny_llama, prompts_file):
+    cfg, model = _model(tiny_llama, prompts_file, generation={"top_k": 1, "max_new_tokens": 5, "stop_at_eos": False})
+    ids, mask, _ = encode_prompts(model.tokenizer, ["the cat", "a dog"], 64, "cpu")
+    a = sample(model, ids, mask, cfg.generation, generator=torch.Generator().manual_seed(1))[0]
+    b = sample(model, ids, mask, cfg.generation, generator=torch.Generator().manual_seed(2))[0]
+    c = sample(model, ids, mask, cfg.generation, greedy=True)[0]
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("algo", ["a2c", "ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_update_changes_trainable_and_not_frozen(algo, lora, tiny_llama, prompts_file):
+    extra = {"algorithm": {"name": algo, "num_generations": 2 if algo in ("grpo", "rloo") else 1}}
+    extra["model"] = {"lora": {"enabled": lora}}
+    extra["rewards"] = [{"name": "length"}]  # varies across completions, so group advantages are non-zero
+    cfg, model = _model(tiny_llama, prompts_file, **extra)
+    from dynalm.data import read_rows
+
+    trainer = Trainer(cfg, model, read_rows(str(prompts_file)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = set(before) - trainable
+    assert changed, "no parameter changed"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:3]}"
+    if lora:
+        assert all("lora_" in n or n.startswith("value_head") for n in trainable)
+        assert any("lora_B" in n for n in changed)
+    else:
+        assert model.ref_lm is not None and all(not p.requires_grad for p in model.ref_lm.parameters())
+        assert not any(n.startswith("ref_lm") for n in changed)
+    has_head = algo in ("a2c", "ppo")
+    assert (model.value_head is not None) == has_head
+    if has_head:
+        assert "value_head.weight" in changed
+    assert frozen  # LoRA: base weights; full FT: the reference copy

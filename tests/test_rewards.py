@@ -1,0 +1,69 @@
+"""Reward functions against hand-computed values; resolution and composition."""
+
+import pytest
+
+from dynalm.config import RewardTerm
+from dynalm.errors import UserError
+from dynalm.rewards import RewardSet, resolve
+from dynalm.rewards import text as T
+
+
+def test_distinct_n_hand():
+    assert T.distinct_n_one("a b a b", 1) == pytest.approx(2 / 4)
+    assert T.distinct_n_one("a b a b", 2) == pytest.approx(2 / 3)  # ab, ba, ab
+    assert T.distinct_n_one("word", 2) == 0.0
+    assert T.distinct_n_corpus(["a b", "a b c"], 2) == pytest.approx(2 / 3)  # ab, ab, bc
+
+
+def test_repetition_and_novelty_hand():
+    assert T.repeated_ngram_share("x y z x y z", 3) == pytest.approx(1 / 4)  # xyz yzx zxy xyz → 1 repeat
+    assert T.repeated_ngram_share("short", 3) == 0.0
+    # content words of "the dragon slept near the castle": dragon slept near castle; near is not a stop word
+    assert T.novelty_one("A dragon lived in a castle.", "The dragon slept near the castle") == pytest.approx(2 / 4)
+    assert T.novelty_one("x", "the of and") == 0.0
+
+
+def test_length_reward():
+    assert T.length([""], ["one two three four"]) == [4.0]
+    assert T.length([""], ["one two three four"], target=8) == [0.5]
+
+
+def test_resolve_builtins_files_and_modules(tmp_path):
+    assert resolve("distinct2") is T.distinct2
+    assert resolve("dynalm.rewards.text:novelty") is T.novelty
+    f = tmp_path / "r.py"
+    f.write_text("def score(prompts, completions, **kw):\n    return [len(c) for c in completions]\n")
+    fn = resolve(f"{f}:score")
+    assert fn(["p"], ["abc"]) == [3]
+    with pytest.raises(UserError, match="has no function 'nope'"):
+        resolve(f"{f}:nope")
+    with pytest.raises(UserError, match="reward file .* not found"):
+        resolve("missing_dir/x.py:f")
+
+
+def test_reward_set_weights_terms_and_extras(tmp_path):
+    f = tmp_path / "r.py"
+    f.write_text("def ref_len(prompts, completions, reference=None, **kw):\n    return [len(r) for r in reference]\n")
+    rs = RewardSet([RewardTerm(name="distinct1", weight=2.0), RewardTerm(name=f"{f}:ref_len", weight=-0.5)])
+    out = rs(["p", "p"], ["a a", "a b"], reference=["xx", "xxxx"])
+    assert out.terms == {"distinct1": [0.5, 1.0], "ref_len": [2.0, 4.0]}
+    assert out.scores == [2 * 0.5 - 0.5 * 2, 2 * 1.0 - 0.5 * 4]
+    with pytest.raises(UserError, match="two reward terms are named 'distinct1'"):
+        RewardSet([RewardTerm(name="distinct1"), RewardTerm(name="distinct1")])
+
+
+def test_sentiment_vader():
+    from dynalm.rewards.models import sentiment
+
+    pos, neg = sentiment(["", ""], ["I love this, it is wonderful!", "This is awful and I hate it."])
+    assert pos > 0.5 and neg < -0.5
+
+
+def test_relatedness_minilm_offline():
+    from dynalm.rewards.models import relatedness
+
+    same, other = relatedness(
+        ["A knight fought a dragon in the mountains.", "A knight fought a dragon in the mountains."],
+        ["The brave knight raised his sword against the fire-breathing beast.", "Quarterly tax filings are due in April."],
+    )
+    assert -1.0 <= other < same <= 1.0 and same - other > 0.2
