@@ -45,7 +45,7 @@ def evaluate_side(
         n_tok += float(amask.sum())
         lengths += amask.sum(-1).tolist()
         ended += end.tolist()
-        _, scored, _ = env.step(chunk, comps)
+        _, scored, _ = env.step(chunk, comps, end.tolist())
         for k, v in scored.terms.items():
             terms.setdefault(k, []).extend(v)
         scores += scored.scores

@@ -278,7 +278,7 @@ class Trainer:
         self.truncated_prompts += trunc
         t1 = time.perf_counter()
 
-        _, scored, _ = self.env.step(rows, batch.completions)
+        _, scored, _ = self.env.step(rows, batch.completions, batch.ended.tolist())
         dev = batch.action_mask.device
         batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
         batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
