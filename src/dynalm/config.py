@@ -126,6 +126,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores.")
+    skip_nonfinite: int = Field(
+        0, ge=0, description="Skip up to this many batches with a NaN/inf loss, gradient or reward (no optimizer step), then stop."
+    )
+    memory_check: bool = Field(True, description="Refuse to start when the estimated peak memory exceeds the memory available.")
 
 
 class LogConfig(_Section):
@@ -145,6 +149,28 @@ class EvalConfig(_Section):
     seed: int = Field(1234, description="Sampling seed for eval, so base and trained see the same randomness.")
 
 
+class PlannerConfig(_Section):
+    """Decode-time planning for `generate` and `eval` (see dynalm.planning)."""
+
+    name: Literal["sample", "greedy", "best-of-n", "mcts"] = Field(
+        "sample", description="Decoding: plain sampling, greedy, best-of-n reranking, or value-guided token MCTS."
+    )
+    n: int = Field(4, ge=1, description="best-of-n: candidates sampled per prompt.")
+    rank_by: Literal["reward", "value"] = Field(
+        "reward", description="best-of-n: rank candidates by the reward functions, or by the value head alone (no reward call)."
+    )
+    simulations: int = Field(10, ge=1, description="mcts: simulations (≈ one forward each) before each emitted token.")
+    top_k: int = Field(10, ge=1, description="mcts: children per node — the policy's k likeliest tokens, priors renormalised.")
+    c_puct: float = Field(8.0, ge=0, description="mcts: exploration weight in PUCT, Q + c·P·sqrt(N(s))/(1+N(s,a)).")
+    temperature: float = Field(
+        0.0, ge=0, description="mcts: 0 = emit the most visited token; >0 = sample it ∝ visits^(1/T)."
+    )
+    kl_coef: float = Field(
+        0.0, ge=0, description="mcts: add −kl_coef·Σ(log π − log π_ref) along the path to leaf values (PPO-MCTS); 0 = off."
+    )
+    seed: int = Field(0, description="Seed for the planner's own randomness (sampling, visit-count sampling).")
+
+
 class Config(_Section):
     seed: int = Field(0, description="Seed for python, numpy and torch.")
     task: str = Field("custom", description="Task preset name (informational; presets live in configs/).")
@@ -158,6 +184,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
 
     @model_validator(mode="after")
     def _check_invariants(self) -> "Config":
@@ -199,8 +226,11 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-def _suggest(bad: str) -> str:
-    candidates = _field_paths(Config) + [f"rewards.N.{k}" for k in RewardTerm.model_fields]
+def _suggest(bad: str, schema: type[BaseModel] | None = None) -> str:
+    schema = schema or Config
+    candidates = _field_paths(schema)
+    if schema is Config:
+        candidates += [f"rewards.N.{k}" for k in RewardTerm.model_fields]
     close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.5)
     if not close:  # try matching only the last component within the same section
         section, _, leaf = bad.rpartition(".")
@@ -209,12 +239,12 @@ def _suggest(bad: str) -> str:
     return f"did you mean '{close[0]}'?" if close else "see `dynalm config --show` for the valid keys"
 
 
-def _format_validation_error(err: ValidationError) -> UserError:
+def _format_validation_error(err: ValidationError, schema: type[BaseModel] | None = None) -> UserError:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         generic = ".".join("N" if str(p).isdigit() else str(p) for p in e["loc"])
-        return UserError(f"unknown config key '{loc}'", _suggest(generic))
+        return UserError(f"unknown config key '{loc}'", _suggest(generic, schema))
     if e["type"] == "missing":
         return UserError(f"config key '{loc}' is required", "add it to the config or pass --set")
     msg = e["msg"].removeprefix("Value error, ")

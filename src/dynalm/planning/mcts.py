@@ -1,0 +1,203 @@
+"""Token-level MCTS guided by the value head (PPO-MCTS: Liu et al., 2023, "Don't throw away
+your value model!").
+
+A node is a prefix, an edge a token. Expanding a node costs one incremental forward (see
+`kv.py`): it gives the node's value V(s) and the priors of its children — the policy's
+top-k tokens, softmax renormalised over those k. Selection is PUCT,
+    Q(s,a) + c_puct · P(s,a) · sqrt(N(s)) / (1 + N(s,a)),   N(s) = Σ_b N(s,b),
+where an unvisited child's Q is its parent's own value (rewards have no fixed scale, so
+Q=0 would push search toward or away from new tokens depending on their sign). A leaf is
+scored by V(leaf); a finished leaf (EOS, or the token limit) by the true reward from
+`env.step` instead (once per leaf: rewards are taken to be deterministic). Values are
+backed up along the path; Q is their mean. Priors and the KL term use
+generation.temperature; generation.top_k/top_p do not apply (the planner's top_k does).
+
+With kl_coef > 0 every leaf value also gets −kl_coef·Σ(log π − log π_ref) over the tokens
+from the prompt to the leaf, so search stays near the reference policy (PPO-MCTS's KL term).
+
+After `simulations` simulations the emitted token is the most visited child of the root
+(or one sampled ∝ N^(1/T)). The root then moves to that child and KEEPS its subtree:
+its children start with the visits they already had, so after each search the root's
+child visits sum to `carried + simulations` (`StepStats` records both).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import GenerationConfig
+from ..errors import UserError
+from ..rl.rollout import stop_ids
+from . import kv as kvx
+from .config import PlannerConfig
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    token: int | None  # the edge into this node (None at the prompt)
+    parent: "Node | None"
+    prior: float
+    depth: int  # completion tokens in the prefix
+    kl: float = 0.0  # kl_coef · Σ(log π − log π_ref) from the prompt to here
+    terminal: bool = False  # EOS or the token limit: scored by the reward, never expanded
+    ended: bool = False  # terminal at EOS (rather than at the limit)
+    visits: int = 0
+    value_sum: float = 0.0
+    value: float | None = None  # this node's own leaf evaluation, computed once
+    children: list["Node"] = field(default_factory=list)  # in descending prior order
+    kv: kvx.KV | None = None  # K/V of `token` (policy)
+    ref_kv: kvx.KV | None = None  # K/V of `token` (reference), only with kl_coef > 0
+
+    def q(self, default: float) -> float:
+        return self.value_sum / self.visits if self.visits else default
+
+
+@dataclass
+class StepStats:
+    token: int  # the token emitted after this search
+    visits: dict[int, int]  # root's children: token → visit count
+    carried: int  # visits the root's children already had from the reused subtree
+
+
+class TokenMCTS:
+    """Search for one prompt (batch size 1). `run()` returns (tokens, ended, stats)."""
+
+    def __init__(
+        self,
+        model,
+        env,
+        row: dict,
+        prompt_ids: torch.Tensor,  # [1, P], unpadded
+        gen: GenerationConfig,
+        cfg: PlannerConfig,
+        rng: random.Random | None = None,  # needed only when cfg.temperature > 0
+    ):
+        if model.value_head is None:
+            raise UserError("planner 'mcts' needs a value head to score leaves", "set model.value_head: true")
+        self.model, self.env, self.row, self.gen, self.cfg = model, env, row, gen, cfg
+        self.rng = rng if rng is not None else random.Random(cfg.seed)
+        self.stops = stop_ids(model.tokenizer) if gen.stop_at_eos else set()
+        self.use_kl = cfg.kl_coef > 0
+        self.forward_passes = 0
+        self.reward_calls = 0
+        self.committed: list[int] = []  # tokens emitted so far (the path from the prompt to the root)
+        # The prompt: one prefill with the policy (and the reference for the KL term).
+        logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=True)
+        self.forward_passes += 1
+        ref_logits, self.root_ref_kv = None, None
+        if self.use_kl:
+            with model.reference() as ref:
+                ref_logits, _, self.root_ref_kv = kvx.prefill(model, ref, prompt_ids, want_values=False)
+            self.forward_passes += 1
+        self.root = Node(token=None, parent=None, prior=1.0, depth=0)
+        self.root.value = value
+        self._add_children(self.root, logits, ref_logits)
+
+    # ------------------------------------------------------------------ one simulation
+    def simulate(self) -> None:
+        node, path = self.root, [self.root]
+        while node.children:
+            node = self._select(node)
+            path.append(node)
+        if node.value is None:  # first visit: a forward (or a reward call when finished)
+            node.value = self._evaluate(node)
+        for n in path:
+            n.visits += 1
+            n.value_sum += node.value
+
+    def _select(self, node: Node) -> Node:
+        sqrt_n = math.sqrt(sum(c.visits for c in node.children))
+        best, best_score = node.children[0], -math.inf
+        for c in node.children:  # strict '>' keeps ties on the higher prior
+            score = c.q(node.value) + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.visits)
+            if score > best_score:
+                best, best_score = c, score
+        return best
+
+    def _path(self, node: Node) -> list[Node]:
+        """Nodes from just below the root down to `node`."""
+        out = []
+        while node.parent is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+    def _evaluate(self, node: Node) -> float:
+        path = self._path(node)
+        if node.terminal:
+            return self._reward(self.committed + [n.token for n in path], node.ended) - node.kl
+        # One incremental forward of the node's token over root + ancestors' K/V.
+        m = self.model
+        prefix = kvx.join(self.root_kv, [n.kv for n in path[:-1]])
+        logits, value, node.kv = kvx.extend(m, m.lm, prefix, node.token, True)
+        self.forward_passes += 1
+        ref_logits = None
+        if self.use_kl:
+            prefix = kvx.join(self.root_ref_kv, [n.ref_kv for n in path[:-1]])
+            with m.reference() as ref:
+                ref_logits, _, node.ref_kv = kvx.extend(m, ref, prefix, node.token, False)
+            self.forward_passes += 1
+        self._add_children(node, logits, ref_logits)
+        return value - node.kl
+
+    def _add_children(self, node: Node, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
+        logp = torch.log_softmax(logits.float() / self.gen.temperature, dim=-1)
+        top = torch.topk(logp, min(self.cfg.top_k, logp.shape[-1]))
+        priors = torch.softmax(top.values, dim=-1).tolist()  # renormalised over the top k
+        kl = [0.0] * len(priors)
+        if ref_logits is not None:
+            ref_logp = torch.log_softmax(ref_logits.float() / self.gen.temperature, dim=-1)
+            kl = (self.cfg.kl_coef * (top.values - ref_logp[top.indices])).tolist()
+        depth = node.depth + 1
+        for tok, p, k in zip(top.indices.tolist(), priors, kl):
+            ended = tok in self.stops
+            terminal = ended or depth >= self.gen.max_new_tokens
+            node.children.append(Node(tok, node, p, depth, kl=node.kl + k, terminal=terminal, ended=ended))
+
+    def _reward(self, tokens: list[int], ended: bool) -> float:
+        text = decode(self.model.tokenizer, tokens, ended)
+        _, scored, _ = self.env.step([self.row], [text], [ended])
+        self.reward_calls += 1
+        return float(scored.scores[0])
+
+    # ------------------------------------------------------------------ moving on
+    def choose(self) -> Node:
+        kids = self.root.children
+        if self.cfg.temperature == 0:
+            return max(kids, key=lambda c: c.visits)  # first max = higher prior on ties
+        top = max(c.visits for c in kids)  # scale to ≤ 1 so a small T cannot overflow
+        weights = [(c.visits / top) ** (1.0 / self.cfg.temperature) for c in kids]
+        return self.rng.choices(kids, weights=weights)[0]
+
+    def advance(self, child: Node) -> None:
+        """Make `child` the root, keeping its subtree and statistics; drop its siblings."""
+        self.committed.append(child.token)
+        self.root_kv = kvx.join(self.root_kv, [child.kv])
+        if self.use_kl:
+            self.root_ref_kv = kvx.join(self.root_ref_kv, [child.ref_kv])
+        child.kv = child.ref_kv = None  # now part of root_kv
+        child.parent = None
+        self.root = child
+
+    def run(self) -> tuple[list[int], bool, list[StepStats]]:
+        stats = []
+        while True:
+            carried = sum(c.visits for c in self.root.children)
+            for _ in range(self.cfg.simulations):
+                self.simulate()
+            child = self.choose()
+            stats.append(StepStats(child.token, {c.token: c.visits for c in self.root.children}, carried))
+            if child.terminal:
+                return self.committed + [child.token], child.ended, stats
+            # visits > 0 and not terminal ⇒ expanded, so its K/V exists
+            self.advance(child)
+
+
+def decode(tokenizer, tokens: list[int], ended: bool) -> str:
+    """Like rollout.decode_completions: drop the EOS token itself."""
+    toks = tokens[:-1] if ended and tokens else tokens
+    return tokenizer.decode(toks, skip_special_tokens=True).strip()

@@ -1,0 +1,234 @@
+"""Decode-time planning: best-of-n, value-guided token MCTS, and the tree's KV-cache reuse."""
+
+import math
+
+import pytest
+import torch
+
+from dynalm.config import build_config
+from dynalm.envs import TextEnv
+from dynalm.errors import UserError
+from dynalm.models.policy import PolicyValueModel
+from dynalm.planning import PlannerConfig, TokenMCTS, best_of_n_select, plan
+from dynalm.planning import kv as kvx
+from dynalm.rewards import ScoredTerms
+from dynalm.rl.rollout import encode_prompts
+from dynalm.rl.trainer import seed_everything
+
+from conftest import tiny_overrides
+
+ROWS = [{"prompt": "the cat sat on"}, {"prompt": "once upon a time"}]
+
+
+class Rewards:
+    """A RewardSet stand-in that counts its calls; `fn(completion) -> float`."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, prompts, completions, **extras):
+        self.calls += 1
+        vals = [float(self.fn(c)) for c in completions]
+        return ScoredTerms({"r": vals}, vals)
+
+
+def _setup(model_dir, prompts_file, reward=lambda c: len(c.split()), perturb=True, **extra):
+    extra.setdefault("model", {})
+    extra["model"] = {"value_head": True, "device": "cpu", **extra["model"]}
+    cfg = build_config(tiny_overrides(model_dir, prompts_file, **extra))
+    seed_everything(0)
+    model = PolicyValueModel.from_config(cfg)
+    if perturb:  # a policy that differs from the reference, and non-trivial values
+        with torch.no_grad():
+            for n, p in model.lm.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.5 * torch.randn_like(p))
+            if model.value_head is not None:
+                model.value_head.weight.normal_()
+    return cfg, model, TextEnv(cfg, model.tokenizer, rewards=Rewards(reward))
+
+
+def _full(model, tokens: list[int]):
+    """Logits and V at the end of `tokens`, from one forward over the whole prefix (no cache)."""
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        out = model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
+        v = model.value_head(out.hidden_states[-1][0, -1]).item() if model.value_head is not None else None
+    return out.logits[0, -1], v
+
+
+def _close(a: float, b: float) -> bool:
+    # values are a 32-term dot product of magnitude ~2: float32 rounding is relative
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_planner_config_fields():
+    cfg = PlannerConfig()
+    assert (cfg.name, cfg.n, cfg.rank_by, cfg.simulations, cfg.top_k) == ("sample", 4, "reward", 10, 10)
+    assert (cfg.c_puct, cfg.temperature, cfg.kl_coef, cfg.seed) == (8.0, 0.0, 0.0, 0)
+    assert all(f.description for f in PlannerConfig.model_fields.values())
+    with pytest.raises(Exception):
+        PlannerConfig(simulatoins=3)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_kv_extend_matches_full_forward(fixture, request, prompts_file):
+    """Prompt K/V + per-token K/V joined as the tree does == a full forward over the prefix."""
+    cfg, model, _ = _setup(request.getfixturevalue(fixture), prompts_file)
+    model.eval()
+    ids, _, _ = encode_prompts(model.tokenizer, ["the cat sat on the"], 64, "cpu")
+    prompt = ids[0].tolist()
+    logits, v, root = kvx.prefill(model, model.lm, ids, want_values=True)
+    full_logits, full_v = _full(model, prompt)
+    assert torch.allclose(logits, full_logits, atol=1e-5) and _close(v, full_v)
+    a, b = 9, 14  # two tokens appended one at a time, each with only its own K/V stored
+    _, _, kv_a = kvx.extend(model, model.lm, root, a, True)
+    assert kvx.length(kv_a) == 1
+    logits, v, kv_b = kvx.extend(model, model.lm, kvx.join(root, [kv_a]), b, True)
+    full_logits, full_v = _full(model, prompt + [a, b])
+    assert torch.allclose(logits, full_logits, atol=1e-5) and _close(v, full_v)
+    assert kvx.length(root) == len(prompt)  # the tree's tensors are never grown in place
+
+
+def test_tree_nodes_match_full_forward(tiny_llama, prompts_file):
+    """Every expanded node's value and child priors equal a full forward over its prefix."""
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 5, "stop_at_eos": False})
+    model.eval()
+    pc = PlannerConfig(name="mcts", simulations=25, top_k=4)
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    for _ in range(pc.simulations):
+        tree.simulate()
+    checked, stack = 0, [(tree.root, [])]
+    while stack:
+        node, path = stack.pop()
+        if not node.children:
+            continue
+        logits, v = _full(model, ids[0].tolist() + path)
+        top = torch.topk(torch.log_softmax(logits, -1), pc.top_k)
+        assert [c.token for c in node.children] == top.indices.tolist()
+        assert torch.allclose(torch.tensor([c.prior for c in node.children]), torch.softmax(top.values, -1), atol=1e-5)
+        assert _close(node.value, v)
+        checked += len(path) >= 2
+        stack += [(c, path + [c.token]) for c in node.children]
+    assert checked >= 2  # nodes two or more tokens deep were reached through the joined cache
+    assert tree.forward_passes <= 1 + pc.simulations  # prefill + at most one forward per simulation
+
+
+def test_visit_counts_sum_to_simulations(tiny_llama, prompts_file):
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 4, "stop_at_eos": False})
+    pc = PlannerConfig(name="mcts", simulations=12, top_k=5)
+    res = plan(model, env, ROWS, cfg.generation, pc, max_prompt_tokens=64)
+    for steps in res.search:
+        assert len(steps) == 4 and steps[0].carried == 0  # the first root starts fresh
+        for prev, step in zip(steps, steps[1:]):
+            # the new root keeps its subtree: its children hold the visits it had, minus its own expansion
+            assert step.carried == prev.visits[prev.token] - 1
+        for step in steps:
+            assert sum(step.visits.values()) == step.carried + pc.simulations
+            assert step.token == max(step.visits, key=step.visits.get)  # temperature 0: most visited
+    # one prefill per row and at most one forward per simulation
+    assert res.forward_passes <= len(ROWS) * (1 + 4 * pc.simulations)
+    assert len(res.completions) == len(ROWS) and res.ended == [False] * len(ROWS)  # no EOS stop: ran to the limit
+
+
+def test_mcts_picks_the_valuable_token_that_sampling_misses(tiny_llama, prompts_file, monkeypatch):
+    """A value function that likes one unlikely first token: mcts finds it, greedy and sampling do not."""
+    gen = {"max_new_tokens": 2, "stop_at_eos": False}
+    cfg, model, env = _setup(tiny_llama, prompts_file, perturb=False, generation=gen)
+    tok, row = model.tokenizer, ROWS[0]
+    first = lambda res: res.completions[0].split()[0]  # noqa: E731
+    greedy = first(plan(model, env, [row], cfg.generation, PlannerConfig(name="greedy"), max_prompt_tokens=64))
+    sampled = first(plan(model, env, [row], cfg.generation, PlannerConfig(name="sample"), max_prompt_tokens=64))
+    # the good token: the least likely of the policy's top 10 that neither picked
+    ids, _, _ = encode_prompts(tok, [env.reset(row)], 64, "cpu")
+    logits, _ = _full(model, ids[0].tolist())
+    top = torch.topk(torch.softmax(logits, -1), 10)
+    words = [tok.convert_ids_to_tokens(i) for i in top.indices.tolist()]
+    good = [w for w in words if w not in (greedy, sampled, "</s>")][-1]
+    good_id = tok.convert_tokens_to_ids(good)
+    assert top.values[words.index(good)] < 0.1 and words[0] != good
+
+    # V(s) = 1 for prefixes ending in the good token, else 0; the reward agrees on finished text
+    def step_logits(lm, input_ids, attention_mask, position_ids, past, want_values):
+        logits, values, past = PolicyValueModel.step_logits(model, lm, input_ids, attention_mask, position_ids, past, want_values)
+        if values is not None:
+            values = (input_ids[:, -1] == good_id).float()
+        return logits, values, past
+
+    monkeypatch.setattr(model, "step_logits", step_logits)
+    env.rewards = Rewards(lambda c: float(c.split()[:1] == [good]))
+    # default c_puct (8) explores hard on a 0..1 value scale: give it enough simulations to settle
+    res = plan(model, env, [row], cfg.generation, PlannerConfig(name="mcts", simulations=100), max_prompt_tokens=64)
+    assert first(res) == good != greedy and good != sampled
+    visits = res.search[0][0].visits
+    assert max(visits, key=visits.get) == good_id
+
+
+@pytest.mark.parametrize(
+    "pc",
+    [
+        PlannerConfig(name="sample", seed=3),
+        PlannerConfig(name="best-of-n", n=3, seed=3),
+        PlannerConfig(name="mcts", simulations=6, top_k=5, temperature=1.0, seed=3),
+    ],
+    ids=lambda pc: pc.name,
+)
+def test_same_seed_same_output(pc, tiny_llama, prompts_file):
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 5})
+    a = plan(model, env, ROWS, cfg.generation, pc, max_prompt_tokens=64)
+    b = plan(model, env, ROWS, cfg.generation, pc, max_prompt_tokens=64)
+    assert (a.completions, a.ended, a.forward_passes) == (b.completions, b.ended, b.forward_passes)
+
+
+def test_best_of_n_select_is_argmax():
+    scores = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    assert best_of_n_select(scores).tolist() == [max(range(5), key=lambda j: scores[i, j]) for i in range(7)]
+    assert best_of_n_select(torch.tensor([[1.0, 3.0, 3.0]])).tolist() == [1]  # first on ties
+
+
+def test_best_of_n_by_reward_returns_best_candidate(tiny_llama, prompts_file):
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 6})
+    pc = PlannerConfig(name="best-of-n", n=4)
+    res = plan(model, env, ROWS, cfg.generation, pc, max_prompt_tokens=64)
+    assert env.rewards.calls == 1  # all rows × n candidates scored in one batched call
+    for comp, cands, scores in zip(res.completions, res.candidates, res.candidate_scores):
+        assert len(cands) == pc.n and scores == [len(c.split()) for c in cands]
+        assert comp == cands[max(range(pc.n), key=scores.__getitem__)]
+
+
+def test_best_of_n_by_value_makes_no_reward_call(tiny_llama, prompts_file):
+    def boom(c):
+        raise AssertionError("the reward was called")
+
+    cfg, model, env = _setup(tiny_llama, prompts_file, reward=boom, generation={"max_new_tokens": 6})
+    res = plan(model, env, ROWS, cfg.generation, PlannerConfig(name="best-of-n", n=3, rank_by="value"), max_prompt_tokens=64)
+    assert env.rewards.calls == 0
+    for comp, cands, scores in zip(res.completions, res.candidates, res.candidate_scores):
+        assert comp == cands[max(range(3), key=scores.__getitem__)]
+
+    cfg, model, env = _setup(
+        tiny_llama, prompts_file, model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2}
+    )
+    with pytest.raises(UserError, match="value head"):
+        plan(model, env, ROWS, cfg.generation, PlannerConfig(name="best-of-n", rank_by="value"), max_prompt_tokens=64)
+    with pytest.raises(UserError, match="value head"):
+        plan(model, env, ROWS, cfg.generation, PlannerConfig(name="mcts"), max_prompt_tokens=64)
+
+
+def test_mcts_kl_term_matches_reference_logprobs(tiny_llama, prompts_file):
+    """With kl_coef > 0 a child's path KL is kl_coef·(log π − log π_ref) of its token."""
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3, "stop_at_eos": False})
+    model.eval()
+    pc = PlannerConfig(name="mcts", simulations=8, top_k=4, kl_coef=0.5)
+    ids, mask, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    assert tree.forward_passes == 2  # the prompt's prefill, with the policy and the reference
+    for c in tree.root.children:
+        full = torch.cat([ids, torch.tensor([[c.token]])], 1)
+        lp = model(full, torch.ones_like(full), 1, entropy=False).logprobs.item()
+        ref = model.reference_logprobs(full, torch.ones_like(full), 1).item()
+        assert abs(c.kl - 0.5 * (lp - ref)) < 1e-5
+    assert any(abs(c.kl) > 1e-3 for c in tree.root.children)  # the perturbed adapter moved the policy
+    res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
+    assert res.forward_passes <= 2 * (1 + 3 * pc.simulations)
