@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..config import RewardTerm
 from ..errors import UserError
-from . import models, text
+from . import models, tasks, text
 
 RewardFn = Callable[..., list[float]]
 
@@ -30,6 +30,14 @@ BUILTINS: dict[str, RewardFn] = {
     "length": text.length,
     "relatedness": models.relatedness,
     "sentiment": models.sentiment,
+    "chrf": tasks.chrf,
+    "bleu": tasks.bleu,
+    "ter": tasks.ter,
+    "rhyme": tasks.rhyme,
+    "line_shape": tasks.line_shape,
+    "theme_relevance": tasks.theme_relevance,
+    "eos": tasks.eos,
+    "length_floor": tasks.length_floor,
 }
 
 
@@ -68,6 +76,10 @@ def resolve(name: str) -> RewardFn:
     """A reward function from a built-in name, 'file.py:fn' or 'package.module:fn'."""
     if name in BUILTINS:
         return BUILTINS[name]
+    if name.startswith("rm:"):  # a reward model trained with `dynalm train-rm`
+        from .learned import resolve_learned
+
+        return resolve_learned(name)
     if ":" in name:
         target, _, fn_name = name.rpartition(":")
         if target.endswith(".py") or "/" in target or "\\" in target:
@@ -90,6 +102,8 @@ def resolve(name: str) -> RewardFn:
 def term_name(term: RewardTerm) -> str:
     if term.alias:
         return term.alias
+    if term.name.startswith("rm:"):
+        return "reward_model"
     return term.name.rpartition(":")[2] if ":" in term.name else term.name
 
 
