@@ -1,0 +1,640 @@
+"""A learned reward model: an LM trunk with a scalar head, trained on rated or paired completions.
+
+r(prompt, completion) is a linear head on the trunk's last hidden state at the last real
+token of `[rendered prompt + completion]` (Stiennon et al. 2020; Ouyang et al. 2022).
+Training data is JSONL with one kind of row per file:
+
+* `{"prompt", "completion", "reward"}` — regression on the given rewards (MSE);
+* `{"prompt", "chosen", "rejected"}` — preference pairs, Bradley–Terry loss.
+
+`train_reward_model` writes `reward_model.safetensors` (the trainable weights: LoRA + head,
+or the full model + head) and `reward_model.json` (config and metrics); `load_reward_model`
+reads them back, and `learned_reward(path)` / `resolve_learned("rm:PATH")` turn a saved
+model into a reward function of TRL's shape. `RewardModel.fit` refits a loaded model
+online on fresh (prompt, completion, reward) triples, for Dyna-style model learning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from ..errors import UserError
+
+WEIGHTS_FILE = "reward_model.safetensors"
+META_FILE = "reward_model.json"
+FORMAT_VERSION = 1
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+REGRESSION_FIELDS = ("prompt", "completion", "reward")
+
+
+# ---------------------------------------------------------------------------- config
+class RewardModelConfig(BaseModel):
+    """Settings of `dynalm train-rm`: the trunk, the data and the optimisation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="Trunk LM: hub id, local directory, local .gguf file, or the embedded default 'smollm2-135m-instruct'.",
+    )
+    lora: bool = Field(True, description="Train a LoRA adapter on the trunk (plus the head) instead of all weights.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    data: str = Field(..., description="JSONL of {prompt, completion, reward} rows or {prompt, chosen, rejected} pairs.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for evaluation (seeded split).")
+    epochs: int = Field(2, ge=1, description="Passes over the training rows.")
+    batch_size: int = Field(8, ge=1, description="Rows (or pairs) per gradient step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Adam learning rate.")
+    max_tokens: int = Field(256, ge=2, description="Longest prompt + completion in tokens; longer ones lose their start.")
+    seed: int = Field(0, description="Seed for the split, the shuffling and the head's initialisation.")
+    template: str = Field(
+        "{prompt}", description="How the prompt is shown ({prompt}); wrapped in the chat template when the tokenizer has one."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run; auto = cuda if available.")
+
+    @field_validator("template")
+    @classmethod
+    def _template_uses_prompt_only(cls, v: str) -> str:
+        try:
+            v.format(prompt="")
+        except KeyError as exc:
+            raise ValueError(f"the template may only use {{prompt}}, not {{{exc.args[0]}}}") from None
+        except IndexError:
+            raise ValueError("the template may only use {prompt}, not positional {}") from None
+        except ValueError as exc:
+            raise ValueError(f"the template is not a valid format string: {exc}") from None
+        return v
+
+
+# ---------------------------------------------------------------------------- losses and metrics
+def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between predicted and given rewards, mean over the batch.
+
+    Fitting a reward model to scalar ratings by least squares, as in the reward-model
+    learning of model-based RL (Sutton 1990, Dyna; Sutton & Barto 2018, §8.2).
+    """
+    return F.mse_loss(pred.float(), target.float())
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """−log σ(r_chosen − r_rejected), mean over pairs: the Bradley–Terry preference likelihood.
+
+    P(chosen ≻ rejected) = σ(r_c − r_r) (Bradley & Terry 1952), the reward-model loss of
+    Christiano et al. 2017 ("Deep RL from Human Preferences") and Ouyang et al. 2022
+    ("Training language models to follow instructions with human feedback", eq. 1).
+    `logsigmoid` keeps it finite for large margins.
+    """
+    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+
+
+def pairwise_accuracy(r_chosen: list[float], r_rejected: list[float]) -> float:
+    """Share of pairs where the chosen completion scores higher (ties count one half)."""
+    if not r_chosen:
+        return float("nan")
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(r_chosen, r_rejected))
+    return wins / len(r_chosen)
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """Pearson correlation; None when either side is constant (or fewer than 2 values)."""
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+# ---------------------------------------------------------------------------- the model
+def _pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last position with mask 1 (works for left or right padding)."""
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), pos, torch.full_like(pos, -1)).max(-1).values.clamp(min=0)
+
+
+class RewardModel(nn.Module):
+    """r(prompt, completion): a causal-LM trunk (LoRA by default) and a Linear(hidden, 1) head."""
+
+    def __init__(self, lm: nn.Module, tokenizer, cfg: RewardModelConfig):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        hidden = lm.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # A small head starts every score near the bias, so the trunk's random features do
+        # not add noise of the targets' size before training has found the signal.
+        nn.init.normal_(self.head.weight, std=0.1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.head.bias)
+        self._fit_opt: torch.optim.Optimizer | None = None
+        self._fit_gen = random.Random(cfg.seed)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, cfg: RewardModelConfig, device: torch.device | str | None = None) -> "RewardModel":
+        """Load the trunk named by `cfg.model`, add LoRA (unless `cfg.lora` is off) and a fresh head.
+
+        The head and the adapter are initialised from `cfg.seed`, without touching the global RNG.
+        """
+        from ..models.loading import load_causal_lm
+        from ..models.policy import disable_dropout, lora_targets
+
+        device = torch.device(device) if device is not None else _pick_device(cfg.device)
+        lm, tok = load_causal_lm(cfg.model, dtype=torch.float32)
+        lm.config.use_cache = False
+        # Deterministic scores: the same text must get the same reward (TRL's RewardConfig
+        # also disables dropout by default).
+        disable_dropout(lm)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if cfg.lora:
+                from peft import LoraConfig, get_peft_model
+
+                lcfg = LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=0.0,
+                    target_modules=lora_targets(lm.config.model_type, None),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                )
+                lm = get_peft_model(lm, lcfg)
+            model = cls(lm, tok, cfg)
+        return model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: LoRA + head, or the full LM + head (tied weights once)."""
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        state = self.state_dict()
+        return {n: state[n].detach().cpu().clone().contiguous() for n in names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - set(self.state_dict()))
+        if missing or unexpected:
+            what = f"lacks {len(missing)} tensors, e.g. {missing[0]}" if missing else f"has unknown tensor {unexpected[0]}"
+            raise UserError(f"reward model weights do not fit the model: the file {what}", "retrain or check `model` in the json")
+        self.load_state_dict(state, strict=False)
+
+    # ------------------------------------------------------------------ text → tokens
+    def render(self, prompt: str) -> str:
+        """The prompt as the trunk sees it: `template`, then the chat template when there is one."""
+        from ..rl.rollout import render_prompt
+
+        return render_prompt(self.tokenizer, self.cfg.template.format(prompt=prompt), chat=True, system_prompt=None)
+
+    def _ids(self, prompt: str, completion: str) -> list[int]:
+        tok = self.tokenizer
+        shown = self.render(prompt)
+        # A rendered chat template already starts with its own special tokens.
+        bos = tok.bos_token
+        specials = not (bool(bos) and shown.startswith(bos))
+        ids = list(tok(shown, add_special_tokens=specials)["input_ids"])
+        if completion:
+            ids += list(tok(completion, add_special_tokens=False)["input_ids"])
+        if len(ids) > self.cfg.max_tokens:
+            ids = ids[-self.cfg.max_tokens :]  # keep the end: that is where the score is read
+        if not ids:
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id or 0]
+        return ids
+
+    def encode(self, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and attention mask of `[rendered prompt + completion]`."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        rows = [self._ids(p, c) for p, c in zip(prompts, completions)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ forward passes
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards [B]: the head on the final hidden state at each row's last real token.
+
+        Padding is read from `attention_mask` only (the pad id may be a real token too).
+        """
+        from ..models.policy import position_ids_from_mask
+
+        with self._autocast():
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                output_hidden_states=True,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        h = out.hidden_states[-1]
+        last = last_real_index(attention_mask)
+        pooled = h[torch.arange(h.shape[0], device=h.device), last].float()
+        return self.head(pooled).squeeze(-1)
+
+    def rewards(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Differentiable rewards of one batch of texts."""
+        ids, mask = self.encode(list(prompts), list(completions))
+        return self(ids, mask)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
+        """Rewards of `completions` given `prompts`, batched, without gradients."""
+        prompts, completions = list(prompts), list(completions)
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        was_training = self.training
+        self.eval()
+        try:
+            out: list[float] = []
+            for i in range(0, len(prompts), batch_size):
+                out += self.rewards(prompts[i : i + batch_size], completions[i : i + batch_size]).tolist()
+        finally:
+            self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ online refit
+    def fit(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        rewards: list[float],
+        steps: int = 10,
+        batch_size: int = 8,
+        lr: float = 1e-4,
+    ) -> float:
+        """`steps` Adam steps of regression (MSE) on random minibatches of the given triples.
+
+        The optimizer (and its moments) persists between calls, so repeated calls continue
+        one optimisation, as a Dyna agent refits its model on fresh experience. Returns the
+        mean loss over the steps (0.0 when `steps` is 0 or there is no data).
+        """
+        prompts, completions, rewards = list(prompts), list(completions), [float(r) for r in rewards]
+        if not (len(prompts) == len(completions) == len(rewards)):
+            raise ValueError(f"fit: {len(prompts)} prompts, {len(completions)} completions, {len(rewards)} rewards")
+        if steps <= 0 or not prompts:
+            return 0.0
+        params = self.trainable_parameters()
+        if self._fit_opt is None:
+            self._fit_opt = torch.optim.Adam(params, lr=lr)
+        for group in self._fit_opt.param_groups:
+            group["lr"] = lr
+        was_training = self.training
+        self.train()
+        total = 0.0
+        try:
+            n = len(prompts)
+            for _ in range(steps):
+                idx = self._fit_gen.sample(range(n), min(batch_size, n))
+                pred = self.rewards([prompts[i] for i in idx], [completions[i] for i in idx])
+                target = torch.tensor([rewards[i] for i in idx], device=pred.device)
+                loss = regression_loss(pred, target)
+                self._fit_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self._fit_opt.step()
+                total += float(loss.detach())
+        finally:
+            self.train(was_training)
+        return total / steps
+
+
+# ---------------------------------------------------------------------------- data
+def _row_kind(row: dict) -> str | None:
+    if "chosen" in row or "rejected" in row:
+        return "pairs"
+    if "completion" in row or "reward" in row:
+        return "regression"
+    return None
+
+
+def read_reward_rows(spec: str) -> tuple[str, list[dict]]:
+    """(kind, rows) from a JSONL file; kind is 'pairs' or 'regression', set by the first row."""
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"reward data file '{spec}' not found", "check the path in `data`")
+    kind: str | None = None
+    first_line = 0
+    rows: list[dict] = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{spec}: line {i} is not valid JSON ({exc.msg})", "fix that line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{spec}: line {i} is not a JSON object", "write one {...} per line")
+                if kind is None:
+                    kind = _row_kind(row)
+                    first_line = i
+                    if kind is None:
+                        raise UserError(
+                            f"{spec}: line {i} is neither a rated completion nor a preference pair",
+                            "give {prompt, completion, reward} or {prompt, chosen, rejected} rows",
+                        )
+                _check_reward_row(spec, i, row, kind, first_line)
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UserError(f"{spec}: not UTF-8 text", "save the file as UTF-8") from None
+    if not rows:
+        raise UserError(f"reward data file '{spec}' is empty", "give at least one row")
+    return kind, rows
+
+
+def _check_reward_row(spec: str, line: int, row: dict, kind: str, first_line: int) -> None:
+    fields = PAIR_FIELDS if kind == "pairs" else REGRESSION_FIELDS
+    what = "preference pair" if kind == "pairs" else "rated completion"
+    for f in fields:
+        if f not in row:
+            raise UserError(
+                f"{spec}: line {line} has no field '{f}'",
+                f"line {first_line} is a {what}, so every row needs {', '.join(fields)}",
+            )
+    other = set(REGRESSION_FIELDS if kind == "pairs" else PAIR_FIELDS) - {"prompt"}
+    mixed = sorted(other & set(row))
+    if mixed:
+        raise UserError(
+            f"{spec}: line {line} mixes a {what} with field '{mixed[0]}'",
+            "use one kind of row per file",
+        )
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        raise UserError(f"{spec}: line {line}: field 'prompt' must be a non-empty string", "fix that line")
+    for f in fields[1:]:
+        v = row[f]
+        if f == "reward":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok:
+                raise UserError(f"{spec}: line {line}: field 'reward' must be a finite number, not {v!r}", "fix that line")
+        elif not isinstance(v, str):
+            raise UserError(f"{spec}: line {line}: field '{f}' must be a string", "fix that line")
+
+
+def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held_out): a seeded shuffle, then the first round(n·fraction) rows (≥1 when > 0) held out."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = 0 if eval_fraction <= 0 else max(1, round(len(rows) * eval_fraction))
+    held = [rows[i] for i in order[:n_eval]]
+    train = [rows[i] for i in order[n_eval:]]
+    return train, held
+
+
+# ---------------------------------------------------------------------------- training
+def _batch_loss(model: RewardModel, kind: str, batch: list[dict]) -> torch.Tensor:
+    prompts = [r["prompt"] for r in batch]
+    if kind == "pairs":
+        # one forward over chosen and rejected together
+        r = model.rewards(prompts + prompts, [x["chosen"] for x in batch] + [x["rejected"] for x in batch])
+        return bradley_terry_loss(r[: len(batch)], r[len(batch) :])
+    pred = model.rewards(prompts, [x["completion"] for x in batch])
+    return regression_loss(pred, torch.tensor([float(x["reward"]) for x in batch], device=pred.device))
+
+
+def evaluate_reward_model(model: RewardModel, kind: str, rows: list[dict], batch_size: int = 16) -> dict:
+    """Pairs: accuracy and mean Bradley–Terry loss. Regression: Pearson r and MSE."""
+    prompts = [r["prompt"] for r in rows]
+    if kind == "pairs":
+        rc = model.score(prompts, [r["chosen"] for r in rows], batch_size)
+        rr = model.score(prompts, [r["rejected"] for r in rows], batch_size)
+        loss = float(bradley_terry_loss(torch.tensor(rc), torch.tensor(rr)))
+        return {"accuracy": pairwise_accuracy(rc, rr), "loss": loss}
+    pred = model.score(prompts, [r["completion"] for r in rows], batch_size)
+    target = [float(r["reward"]) for r in rows]
+    mse = float(regression_loss(torch.tensor(pred), torch.tensor(target)))
+    return {"pearson": pearson(pred, target), "mse": mse}
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_reward_model(model: RewardModel, out_dir: Path | str, metrics: dict | None = None) -> Path:
+    """Write the trainable weights and the json atomically.
+
+    Both files go to a temporary folder next to `out_dir`, are flushed, and then the folder
+    is renamed to `out_dir`; when `out_dir` already exists each file is renamed into it,
+    weights first and the json (which `load_reward_model` reads first) last.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(model.trainable_state_dict(), str(tmp / WEIGHTS_FILE))
+        meta = {
+            "format": FORMAT_VERSION,
+            "config": model.cfg.model_dump(),
+            "metrics": metrics or {},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        for f in (WEIGHTS_FILE, META_FILE):
+            _fsync_path(tmp / f)
+        _fsync_path(tmp)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:
+            for f in (WEIGHTS_FILE, META_FILE):
+                os.replace(tmp / f, out_dir / f)
+            _fsync_path(out_dir)
+            tmp.rmdir()
+        _fsync_path(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    return x
+
+
+def train_reward_model(cfg: RewardModelConfig, out_dir: Path | str, echo: Callable[[str], None] = print) -> dict:
+    """Train a reward model on `cfg.data`, save it to `out_dir` and return its metrics.
+
+    Metrics: `kind`, row counts, `eval_on` ('heldout', or 'train' when eval_fraction is 0),
+    `before` / `after` evaluation dicts, `steps`, and `train_loss` (mean over the last epoch).
+    """
+    kind, rows = read_reward_rows(cfg.data)
+    train, held = split_rows(rows, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise UserError(
+            f"{cfg.data}: {len(rows)} row(s) are too few to hold out {cfg.eval_fraction:g} of them",
+            "add rows or lower eval_fraction",
+        )
+    eval_rows, eval_on = (held, "heldout") if held else (train, "train")
+    what = "preference pairs" if kind == "pairs" else "rated completions"
+    echo(f"reward model: {len(train)} training and {len(held)} held-out {what} from {cfg.data}")
+
+    model = RewardModel.build(cfg)
+    if kind == "regression":
+        # Start at the mean target: Adam moves the bias only ~lr per step, so from 0 it would
+        # take many steps to reach a far-off mean, and the trunk would be bent to cover it.
+        with torch.no_grad():
+            model.head.bias.fill_(sum(float(r["reward"]) for r in train) / len(train))
+    before = evaluate_reward_model(model, kind, eval_rows, cfg.batch_size)
+    echo(f"before training ({eval_on}): {_fmt(before)}")
+
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.learning_rate)
+    order_rng = random.Random(cfg.seed + 1)
+    steps = 0
+    epoch_loss = float("nan")
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train)))
+        order_rng.shuffle(order)
+        losses = []
+        for i in range(0, len(order), cfg.batch_size):
+            batch = [train[j] for j in order[i : i + cfg.batch_size]]
+            loss = _batch_loss(model, kind, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+        epoch_loss = sum(losses) / len(losses)
+        echo(f"epoch {epoch + 1}/{cfg.epochs}: train loss {epoch_loss:.4f}")
+    model.eval()
+
+    after = evaluate_reward_model(model, kind, eval_rows, cfg.batch_size)
+    echo(f"after training ({eval_on}): {_fmt(after)}")
+    metrics = _json_safe(
+        {
+            "kind": kind,
+            "train_rows": len(train),
+            "eval_rows": len(held),
+            "eval_on": eval_on,
+            "steps": steps,
+            "train_loss": epoch_loss,
+            "before": before,
+            "after": after,
+        }
+    )
+    save_reward_model(model, out_dir, metrics)
+    echo(f"saved the reward model to {out_dir}")
+    return metrics
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in m.items())
+
+
+# ---------------------------------------------------------------------------- loading and use
+def _model_dir(path: Path | str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file() and p.name in (WEIGHTS_FILE, META_FILE):
+        p = p.parent
+    return p
+
+
+def load_reward_model(path: Path | str, device: torch.device | str | None = None) -> RewardModel:
+    """Rebuild a saved reward model from its folder (or either of its two files)."""
+    from safetensors.torch import load_file
+
+    d = _model_dir(path)
+    meta_p, weights_p = d / META_FILE, d / WEIGHTS_FILE
+    if not meta_p.is_file() or not weights_p.is_file():
+        raise UserError(
+            f"'{path}' is not a saved reward model (needs {META_FILE} and {WEIGHTS_FILE})",
+            "train one with `dynalm train-rm` and give its output folder",
+        )
+    try:
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
+        cfg = RewardModelConfig.model_validate(meta["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{meta_p}: not a valid reward model description ({type(exc).__name__})", "retrain the reward model") from None
+    model = RewardModel.build(cfg, device=device)
+    model.load_trainable_state_dict(load_file(str(weights_p)))
+    model.eval()
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(resolved: str, stamp: int) -> RewardModel:
+    # `stamp` (the weights' mtime) makes a retrained model at the same path load afresh.
+    return load_reward_model(resolved)
+
+
+def learned_reward(path: Path | str) -> Callable[..., list[float]]:
+    """A reward function `fn(prompts, completions, **kwargs) -> list[float]` scoring with a saved model.
+
+    The model is loaded now (so a bad path fails early) and cached per path.
+    """
+    d = _model_dir(path).resolve()
+    weights = d / WEIGHTS_FILE
+    stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
+    model = _cached_model(str(d), stamp) if stamp else load_reward_model(path)
+
+    def reward(prompts, completions, **kwargs) -> list[float]:
+        return model.score(list(prompts), list(completions))
+
+    reward.__name__ = "learned_reward"
+    reward.__doc__ = f"Score of the learned reward model at {d}."
+    reward.model = model  # type: ignore[attr-defined]
+    return reward
+
+
+def resolve_learned(name: str) -> Callable[..., list[float]] | None:
+    """For reward names 'rm:PATH': the reward function of the model saved at PATH; else None."""
+    if not name.startswith("rm:"):
+        return None
+    path = name[3:]
+    if not path:
+        raise UserError("reward 'rm:' names no reward model", "write rm:PATH/TO/REWARD_MODEL_FOLDER")
+    return learned_reward(path)
