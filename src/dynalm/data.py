@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -19,38 +20,72 @@ def builtin_path(name: str) -> Path:
 
 
 def read_rows(spec: str, prompt_field: str = "prompt") -> list[dict]:
-    """Rows from 'builtin:NAME', a .jsonl file or a .csv file; every row needs `prompt_field`."""
+    """Rows from 'builtin:NAME', a .jsonl file or a .csv file; every row needs `prompt_field`.
+
+    Any malformed input raises a UserError naming the file (and line); never another exception.
+    """
     path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec)
     if not path.is_file():
         raise UserError(f"data file '{spec}' not found", "check the path in data.train / data.eval")
-    rows: list[dict] = []
+    raw = path.read_bytes()
     try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if reader.fieldnames is None or prompt_field not in reader.fieldnames:
-                    raise UserError(f"{spec}: the CSV header has no column '{prompt_field}'", "set data.prompt_field")
-                for i, row in enumerate(reader, start=2):
-                    _check_row(spec, i, row, prompt_field)
-                    rows.append(dict(row))
-        else:
-            with path.open(encoding="utf-8") as fh:
-                for i, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{spec}: line {i} is not valid JSON ({exc.msg})", "fix that line") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{spec}: line {i} is not a JSON object", "write one {...} per line")
-                    _check_row(spec, i, row, prompt_field)
-                    rows.append(row)
-    except UnicodeDecodeError:
-        raise UserError(f"{spec}: not UTF-8 text", "save the file as UTF-8") from None
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets often write a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{spec}: line {line} is not UTF-8 text", "save the file as UTF-8") from None
+    rows = _read_csv(spec, text, prompt_field) if path.suffix.lower() == ".csv" else _read_jsonl(spec, text, prompt_field)
     if not rows:
         raise UserError(f"data set '{spec}' is empty", "give at least one row")
     return rows
+
+
+def _read_csv(spec: str, text: str, prompt_field: str) -> list[dict]:
+    rows: list[dict] = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if reader.fieldnames is None:
+            raise UserError(f"{spec}: the CSV file has no header row", f"put the column names, with '{prompt_field}', on line 1")
+        if prompt_field not in reader.fieldnames:
+            # repr() keeps the message on one line whatever the header holds
+            cols = ", ".join(repr(c) for c in reader.fieldnames[:10])
+            raise UserError(
+                f"{spec}: the CSV header has no column '{prompt_field}'",
+                f"its columns are {cols}: rename one or set data.prompt_field",
+            )
+        for row in reader:
+            if None in row:  # DictReader files surplus fields under the key None
+                raise UserError(
+                    f"{spec}: line {reader.line_num} has more fields than the header's {len(reader.fieldnames)}",
+                    "quote fields that contain commas",
+                )
+            _check_row(spec, reader.line_num, row, prompt_field)
+            rows.append(dict(row))
+    except csv.Error as exc:  # NUL bytes, an over-long field, ...
+        raise UserError(f"{spec}: line {reader.line_num} is not valid CSV ({_one_line(exc)})", "fix that line") from None
+    return rows
+
+
+def _read_jsonl(spec: str, text: str, prompt_field: str) -> list[dict]:
+    rows: list[dict] = []
+    # universal newlines, as a file opened in text mode: split on \n, \r and \r\n only
+    for i, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{spec}: line {i} is not valid JSON ({exc.msg})", "fix that line") from None
+        except RecursionError:
+            raise UserError(f"{spec}: line {i} is not valid JSON (nested too deeply)", "fix that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{spec}: line {i} is not a JSON object", "write one {...} per line")
+        _check_row(spec, i, row, prompt_field)
+        rows.append(row)
+    return rows
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _check_row(spec: str, line: int, row: dict, field: str) -> None:

@@ -9,6 +9,15 @@ RUN_DIR/
   export/          the trained model (LoRA merged) + value_head.safetensors, for transformers
   eval.json        base vs trained on the eval split
   report.md        curves.png, eval table, samples before/after
+
+Faults. A folder is a run when it holds config.yaml, which `train` writes (atomically)
+only after the data, rewards, model and memory estimate have been checked, and before
+anything else of the run. A kill before that leaves at most an empty folder, which a fresh
+`train --out` of the same folder uses as is. A kill after it (even kill -9, even during a
+checkpoint write) is undone by `train --resume`: it restarts from the latest complete
+checkpoint, drops the metrics/samples lines written after it (and a half-written last
+line), and, being deterministic, rewrites them identically. SIGINT/SIGTERM stop at the end
+of the current step with a checkpoint (exit 130/143 from the CLI).
 """
 
 from __future__ import annotations
@@ -23,16 +32,23 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from .checkpoint import (
+    clean_partial_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from .config import Config, build_config, dump_config, read_yaml
 from .data import read_rows
 from .errors import UserError
 from .evaluate import evaluate
 from .models.policy import PolicyValueModel
 from .envs import TextEnv
-from .report import write_report
+from .report import finalize_report
 from .rewards import RewardSet
-from .rl.trainer import Trainer, seed_everything
+from .rl.trainer import NonFiniteError, Trainer, seed_everything
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -65,13 +81,21 @@ def set_threads(cfg: Config) -> None:
     torch.set_num_threads(n)
 
 
+def check_run_dir(out: Path, *, force: bool) -> None:
+    """Refuse an --out that holds a run, unless forced; changes nothing on disk."""
+    if out.exists() and any((out / m).exists() for m in RUN_MARKERS) and not force:
+        raise UserError(
+            f"'{out}' already holds a run", "pick another --out, resume it with --resume, or pass --force to overwrite"
+        )
+
+
 def prepare_run_dir(out: Path, *, force: bool) -> None:
-    if out.exists() and any((out / m).exists() for m in RUN_MARKERS):
-        if not force:
-            raise UserError(
-                f"'{out}' already holds a run", "pick another --out, resume it with --resume, or pass --force to overwrite"
-            )
-        for m in RUN_MARKERS + ("samples.jsonl", "tb", "export", "eval.json", "report.md", "curves.png"):
+    check_run_dir(out, force=force)
+    if out.exists():
+        # config.yaml goes last: a --force killed midway leaves a folder that is still a
+        # run (refused without --force) rather than a half-deleted one that looks empty.
+        for m in ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
+                  "curves.png", ".config.yaml.tmp", "config.yaml"):
             p = out / m
             if p.is_dir():
                 shutil.rmtree(p)
@@ -81,10 +105,30 @@ def prepare_run_dir(out: Path, *, force: bool) -> None:
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines of steps ≤ max_step (those the checkpoint covers).
+
+    A kill -9 can leave the last line half written: it is dropped. Lines are split at
+    newline bytes only: str.splitlines() would also split inside samples' text (U+2028, ...).
+    """
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
-    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    keep = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:  # JSONDecodeError, or a UTF-8 sequence cut in half
+            rec = None
+        if not isinstance(rec, dict):
+            if i == last:
+                break
+            raise UserError(f"{path}: line {i + 1} is damaged (not a JSON object)", "delete that line and resume again")
+        if rec.get("step", 0) <= max_step:
+            keep.append(ln + b"\n")
+    write_bytes_atomic(path, b"".join(keep))
 
 
 class _Logger:
@@ -153,6 +197,106 @@ def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
     )
 
 
+# ----------------------------------------------------------------------------- memory
+
+# float32 values kept per token, hidden unit and layer for the backward pass: ~17 for a
+# transformer block (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34
+# bytes at 16 bit), rounded up for wider MLPs and the LoRA inputs.
+ACTIVATION_FACTOR = 20
+# Copies of the [batch, new tokens, vocab] logits alive in the update: the logits, the
+# tempered copy, log-softmax, the entropy's probabilities and product, their gradients.
+LOGITS_FACTOR = 6
+
+
+def estimate_memory(
+    *, param_bytes: int, trainable_bytes: int, hidden: int, layers: int, vocab: int,
+    batch: int, prompt_tokens: int, new_tokens: int, bytes_per_value: int = 4,
+) -> dict[str, int]:
+    """Peak bytes of one training step, by part; an upper bound for the per-token parts
+    since prompts count at their maximum length.
+
+    weights      all parameters (policy, reference copy, value head)
+    optimizer    gradients + Adam's two moments of the trainable parameters
+    activations  batch × (prompt + new tokens) × hidden × layers × ACTIVATION_FACTOR values
+    logits       batch × (new tokens + 1) × vocab × LOGITS_FACTOR values
+    `batch` is the update's minibatch: the update (forward with gradients) is the peak.
+    """
+    est = {
+        "weights": param_bytes,
+        "optimizer": 3 * trainable_bytes,
+        "activations": batch * (prompt_tokens + new_tokens) * hidden * layers * ACTIVATION_FACTOR * bytes_per_value,
+        "logits": batch * (new_tokens + 1) * vocab * LOGITS_FACTOR * bytes_per_value,
+    }
+    est["total"] = sum(est.values())
+    return est
+
+
+def model_memory_estimate(model: PolicyValueModel, cfg: Config) -> dict[str, int]:
+    tc = model.lm.config.get_text_config()
+    params = list(model.parameters())  # tied weights counted once
+    return estimate_memory(
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        hidden=tc.hidden_size,
+        layers=tc.num_hidden_layers,
+        vocab=tc.vocab_size,
+        batch=cfg.algorithm.minibatch_size or cfg.train.batch_size,
+        prompt_tokens=cfg.model.max_prompt_tokens,
+        new_tokens=cfg.generation.max_new_tokens,
+    )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this run: CUDA's free memory, or Linux's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(model: PolicyValueModel, cfg: Config) -> str:
+    """Refuse (UserError) a run whose estimate exceeds the memory available; returns the log line."""
+    est = model_memory_estimate(model, cfg)
+    avail = available_memory(model.device)
+    line = (
+        f"memory: ~{_size(est['total'])} peak estimated (weights {_size(est['weights'])}, "
+        f"gradients+Adam {_size(est['optimizer'])}, activations {_size(est['activations'])}, "
+        f"logits {_size(est['logits'])}); "
+        + (f"{_size(avail)} available on {model.device.type}" if avail is not None else "available memory unknown")
+    )
+    # The model is already loaded, so `avail` no longer includes its weights.
+    need = est["total"] - est["weights"]
+    if avail is None or not cfg.train.memory_check or need <= avail:
+        return line
+    what = f"estimated peak memory {_size(est['total'])} exceeds the {_size(avail + est['weights'])} available"
+    fixed = est["optimizer"]
+    mb = cfg.algorithm.minibatch_size or cfg.train.batch_size
+    per_sample = (est["activations"] + est["logits"]) / mb
+    fit = int((avail - fixed) // per_sample) if avail > fixed else 0
+    if fit >= 1:
+        knob = (f"lower algorithm.minibatch_size to {fit} or less (now {mb})" if cfg.algorithm.minibatch_size
+                else f"set algorithm.minibatch_size (or train.batch_size, now {mb}) to {fit} or less")
+    elif avail > fixed:
+        knob = (f"lower generation.max_new_tokens (now {cfg.generation.max_new_tokens}) "
+                f"or model.max_prompt_tokens (now {cfg.model.max_prompt_tokens})")
+    else:  # the weights' gradients and Adam state alone do not fit
+        knob = "pick a smaller model.name" if cfg.model.lora.enabled else "enable model.lora.enabled or pick a smaller model.name"
+    raise UserError(what, f"{knob}; or set train.memory_check=false to try anyway")
+
+
+# ----------------------------------------------------------------------------- train
+
+
 def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, resume: str | Path | None = None, echo=print) -> Path:
     """Train per `cfg` into a run directory (or continue the run in `resume`); returns the run directory."""
     if resume is not None:
@@ -160,54 +304,70 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)", "pass the folder printed by `dynalm train`")
         cfg = build_config(read_yaml(run_dir / "config.yaml"))
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
     else:
         run_dir = Path(out) if out else default_run_dir(cfg)
-        # validate data and rewards before touching the disk
-        train_rows(cfg)
-        if cfg.eval.enabled:
-            eval_rows(cfg)
-        RewardSet(cfg.rewards)
-        prepare_run_dir(run_dir, force=force)
-        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-        ckpt = None
+        check_run_dir(run_dir, force=force)
+    # Check everything the user gave (data, rewards, model, memory) before touching the disk.
     rows = train_rows(cfg)
     ev = eval_rows(cfg) if cfg.eval.enabled else None
     rewards = RewardSet(cfg.rewards)
     set_threads(cfg)
     seed_everything(cfg.seed)
     model = PolicyValueModel.from_config(cfg)
+    memory_line = check_memory(model, cfg)
+    if resume is None:
+        prepare_run_dir(run_dir, force=force)
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     trainer = Trainer(cfg, model, rows, TextEnv(cfg, model.tokenizer, rewards))
-    if ckpt is not None:
-        weights, state = load_checkpoint(ckpt, map_location=model.device)
-        model.load_trainable_state_dict(weights)
-        trainer.load_state_dict(state)
-        echo(f"resuming {run_dir} from {ckpt.name} (step {trainer.step_idx})")
-    elif resume is not None:
-        echo(f"no checkpoint in {run_dir}; starting it from step 0")
+    ckpt = None
+    if resume is not None:
+        clean_partial_checkpoints(run_dir / "checkpoints")
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is not None:
+            weights, state = load_checkpoint(ckpt, map_location=model.device)
+            model.load_trainable_state_dict(weights)
+            trainer.load_state_dict(state)
+            echo(f"resuming {run_dir} from {ckpt.name} (step {trainer.step_idx})")
+        else:
+            echo(f"no checkpoint in {run_dir}; starting it from step 0")
+    echo(memory_line)
     _truncate_jsonl(run_dir / "metrics.jsonl", trainer.step_idx)
     _truncate_jsonl(run_dir / "samples.jsonl", trainer.step_idx)
+    last_ckpt = ckpt
 
     stop = {"sig": None}
 
     def _on_signal(signum, _frame):
         if stop["sig"] is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        stop["sig"] = signum
+        stop["sig"] = signum  # acted on at the end of the current step, a safe point
 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     logger = _Logger(run_dir, cfg)
     total = cfg.train.steps
+    warned_truncation = False
     try:
         with _progress(cfg, total, trainer.step_idx) as prog:
             task = prog.add_task("train", total=total, completed=trainer.step_idx, reward="-", kl="-")
             while trainer.step_idx < total:
-                res = trainer.step()
+                try:
+                    res = trainer.step()
+                except NonFiniteError as err:
+                    raise NonFiniteError(
+                        f"{err.what}; last good checkpoint: {last_ckpt or 'no checkpoint yet'}",
+                        f"{err.fix} in {run_dir / 'config.yaml'}, then: dynalm train --resume {run_dir}",
+                    ) from None
                 m = res.metrics
                 logger.log(m)
                 step = m["step"]
                 if step % cfg.log.samples_every == 0 or step == 1:
                     logger.log_samples(step, res.batch)
+                if trainer.truncated_prompts and not warned_truncation:
+                    warned_truncation = True  # once per run: the count keeps growing, the advice does not change
+                    echo(
+                        f"warning: prompts longer than model.max_prompt_tokens={cfg.model.max_prompt_tokens} are cut "
+                        f"from the left ({trainer.truncated_prompts} so far, at step {step}); raise it to keep them whole"
+                    )
                 if cfg.log.print_episodes:
                     ret = res.batch.rewards.sum(-1).tolist()
                     for i, r in enumerate(ret):
@@ -218,19 +378,19 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
                         f"step {step}/{total} reward {m['reward']:.4f} kl {m['kl']:.4f} ({m['time/step']:.1f}s)"
                     )
                 if step % cfg.log.checkpoint_every == 0 and step < total:
-                    _checkpoint(trainer, run_dir)
+                    last_ckpt = _checkpoint(trainer, run_dir)
                 if stop["sig"] is not None:
                     raise Stopped(stop["sig"])
-    except Stopped as s:
-        path = _checkpoint(trainer, run_dir)
-        logger.close()
-        echo(f"stopped at step {trainer.step_idx}; checkpoint {path}")
+    except Stopped:
+        if last_ckpt is None or last_ckpt.name != f"step-{trainer.step_idx:06d}":
+            last_ckpt = _checkpoint(trainer, run_dir)
+        echo(f"stopped at step {trainer.step_idx}; checkpoint {last_ckpt}")
         echo(f"resume with: dynalm train --resume {run_dir}")
         raise
     finally:
+        logger.close()
         for s, h in old.items():
             signal.signal(s, h)
-    logger.close()
     _checkpoint(trainer, run_dir)
     export_model(model, run_dir / "export")
     result = None
@@ -241,7 +401,7 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
             f"eval reward: base {result['base']['reward']:.4f} → trained {result['trained']['reward']:.4f} "
             f"({result['delta_reward']:+.4f}) on {result['n_prompts']} held-out prompts"
         )
-    write_report(run_dir, result)
+    finalize_report(run_dir, result, model, cfg, ev, echo=echo)
     return run_dir
 
 

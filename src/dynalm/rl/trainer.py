@@ -26,7 +26,19 @@ from .rollout import rollout
 
 
 class NonFiniteError(UserError):
-    """A NaN or inf appeared in a loss, a gradient or a reward."""
+    """A NaN or inf appeared in a loss, a gradient or a reward.
+
+    `what` names the quantity and the step; the run driver adds the last good checkpoint
+    and how to resume. Raised from `update` or the reward check, the batch can be skipped
+    (`train.skip_nonfinite`): no optimizer step was taken with it.
+    """
+
+    def __init__(self, what: str, fix: str = "lower train.learning_rate, or allow skips with train.skip_nonfinite"):
+        super().__init__(what, fix)
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(t).all())
 
 
 def seed_everything(seed: int) -> None:
@@ -161,11 +173,10 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
             if a.name == "grpo" and beta:
                 kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3"), mask)
                 loss = loss + beta * kl_loss
-            if not torch.isfinite(loss):
-                raise NonFiniteError(
-                    f"non-finite loss at step {step} (policy_loss={pl.item()}, value_loss={vl.item()})",
-                    "lower train.learning_rate or check the reward scale; resume from the last checkpoint",
-                )
+            if _nonfinite(loss):
+                parts = {"policy_loss": pl, "value_loss": vl, "entropy": ent, "kl_loss": kl_loss}
+                bad = ", ".join(f"{k}={float(v)}" for k, v in parts.items() if _nonfinite(v.detach()))
+                raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for g in opt.param_groups for p in g["params"]]
@@ -173,11 +184,9 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
                 gnorm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
             else:
                 gnorm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None))
-            if not torch.isfinite(gnorm):
-                raise NonFiniteError(
-                    f"non-finite gradient norm at step {step}",
-                    "lower train.learning_rate or set algorithm.max_grad_norm; resume from the last checkpoint",
-                )
+            if _nonfinite(gnorm):
+                # checked before opt.step: the weights never see a non-finite gradient
+                raise NonFiniteError(f"non-finite gradient at step {step} (grad_norm={float(gnorm)})")
             opt.step()
             for k, v in {
                 "policy_loss": pl,
@@ -225,6 +234,7 @@ class Trainer:
         self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step_idx = 0
         self.truncated_prompts = 0
+        self.skipped_batches = 0
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
@@ -236,6 +246,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "gen": self.gen.get_state(),
             "update_gen": self.update_gen.get_state(),
+            "skipped_batches": self.skipped_batches,
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -251,6 +262,7 @@ class Trainer:
         self.sampler.load_state_dict(s["sampler"])
         self.gen.set_state(s["gen"])
         self.update_gen.set_state(s["update_gen"])
+        self.skipped_batches = s.get("skipped_batches", 0)  # absent in checkpoints from before the option
         random.setstate(s["rng"]["python"])
         np.random.set_state(s["rng"]["numpy"])
         torch.set_rng_state(s["rng"]["torch"])
@@ -260,21 +272,31 @@ class Trainer:
         cfg = self.cfg
         a = cfg.algorithm
         n = a.num_generations
+        step = self.step_idx + 1
         t0 = time.perf_counter()
         idx = self.sampler.take(cfg.train.batch_size // n)
         rows = [self.rows[i] for i in idx for _ in range(n)]
         group = [g for g in range(len(idx)) for _ in range(n)]
         states = [self.env.reset(r) for r in rows]
-        batch, trunc = rollout(
-            self.model,
-            rows,
-            states,
-            cfg.generation,
-            max_prompt_tokens=cfg.model.max_prompt_tokens,
-            group=group,
-            prompt_field=cfg.data.prompt_field,
-            generator=self.gen,
-        )
+        try:
+            batch, trunc = rollout(
+                self.model,
+                rows,
+                states,
+                cfg.generation,
+                max_prompt_tokens=cfg.model.max_prompt_tokens,
+                group=group,
+                prompt_field=cfg.data.prompt_field,
+                generator=self.gen,
+            )
+        except RuntimeError as exc:
+            # Diverged weights (finite but huge) first show here: torch.multinomial refuses
+            # inf/nan probabilities. Not skippable: the weights themselves are broken.
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise NonFiniteError(
+                f"non-finite logits in the rollout at step {step} (the weights diverged)", "lower train.learning_rate"
+            ) from None
         self.truncated_prompts += trunc
         t1 = time.perf_counter()
 
@@ -292,13 +314,26 @@ class Trainer:
         add_advantages(batch, cfg, beta)
         t3 = time.perf_counter()
 
-        stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, self.step_idx + 1)
-        self.sched.step()
+        skipped = False
+        try:
+            if _nonfinite(batch.rewards):  # scores are checked by RewardSet; KL and fluency terms are not
+                raise NonFiniteError(f"non-finite reward at step {step} (per-token reward with the KL and fluency terms)")
+            stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, step)
+        except NonFiniteError:
+            if self.skipped_batches >= cfg.train.skip_nonfinite:
+                raise
+            # Skip the rest of this batch's update. With several minibatches, the steps
+            # already taken on earlier (finite) minibatches stand.
+            self.skipped_batches += 1
+            self.opt.zero_grad(set_to_none=True)
+            skipped, stats = True, {}
+        self.sched.step()  # the schedule follows the step count, skipped or not
         t4 = time.perf_counter()
 
         mask = batch.action_mask
         kl_seq = ((batch.logprobs - batch.ref_logprobs) * mask).sum(-1)
-        self.kl_ctl.update(float(kl_seq.mean()), len(batch))
+        if not skipped:  # a skipped batch may carry a NaN KL, which would poison an adaptive β
+            self.kl_ctl.update(float(kl_seq.mean()), len(batch))
         self.step_idx += 1
         n_tokens = float(mask.sum())
         m = {
@@ -313,6 +348,7 @@ class Trainer:
             "completion_len": float(batch.lengths.mean()),
             "eos_rate": float(batch.ended.float().mean()),
             "lr": self.sched.get_last_lr()[0],
+            "skipped_batches": self.skipped_batches,
             "tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
             "time/rollout": t1 - t0,
             "time/reward": t2 - t1,
@@ -323,7 +359,8 @@ class Trainer:
         if batch.values is not None and a.needs_value_head:
             m["explained_variance"] = adv_mod.explained_variance(batch.values, batch.returns, mask)
             m["value_mean"] = float(adv_mod.masked_mean(batch.values, mask))
-        for k, v in m.items():
-            if isinstance(v, float) and math.isnan(v) and k != "explained_variance":
-                raise NonFiniteError(f"non-finite {k} at step {self.step_idx}", "check the reward function and learning rate")
+        if not skipped:  # a skipped batch's metrics may be NaN; they are logged as such
+            for k, v in m.items():
+                if isinstance(v, float) and not math.isfinite(v) and k != "explained_variance":
+                    raise NonFiniteError(f"non-finite {k} at step {self.step_idx}")
         return StepResult(batch, m)
