@@ -81,7 +81,8 @@ def test_eval_model_writes_out(tiny_llama, tmp_path, prompts_file, capsys):
     out = tmp_path / "ev.json"
     assert main(["eval", "--model", str(tiny_llama), "-c", str(cfg), "--out", str(out)]) == 0
     ev = json.loads(out.read_text())
-    assert "base" in ev and "trained" not in ev and ev["n_prompts"] == 6
+    assert "model" in ev and "trained" not in ev and ev["n_prompts"] == 6
+    assert ev["model"]["planner"] == "sample" and ev["model"]["kl"] == 0.0
 
 
 def test_existing_run_is_refused_and_untouched(tiny_llama, tmp_path, prompts_file, capsys):
@@ -144,3 +145,52 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dynalm", "train", "-c", str(tmp_path / "x.yaml")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"dynalm: error: config file '{tmp_path / 'x.yaml'}' not found (check the path, e.g. configs/story.yaml)"]
+
+
+def test_planners_through_cli(tiny_llama, tmp_path, prompts_file, capsys):
+    cfg = _write_cfg(tmp_path, tiny_llama, prompts_file, algorithm={"name": "ppo"}, planner={"simulations": 3, "top_k": 3})
+    run = tmp_path / "run"
+    assert main(["train", "-c", str(cfg), "--out", str(run)]) == 0
+    for planner in ["best-of-n", "mcts"]:
+        assert main(["eval", "--run", str(run), "--planner", planner]) == 0
+        ev = json.loads((run / f"eval-{planner}.json").read_text())
+        assert "base" not in ev and ev["trained"]["planner"] == planner and ev["trained"]["n"] == 6
+        assert ev["trained"]["forward_calls"] > 0 and ev["trained"]["seconds_per_sample"] > 0
+    report = (run / "report.md").read_text()
+    assert "| planner | reward |" in report and "| mcts |" in report and "| best-of-n |" in report
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run), "--prompt", "the cat", "--planner", "mcts", "--json",
+                 "--max-new-tokens", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["planner"] == "mcts" and out["prompt"] == "the cat"
+    # a plain model has no value head: value-guided search says so in one line
+    assert main(["generate", "--model", str(tiny_llama), "--prompt", "x", "--planner", "mcts"]) == 2
+    assert capsys.readouterr().err.startswith("dynalm: error: ")
+
+
+def test_train_rm_then_drive_a_run(tiny_llama, tmp_path, prompts_file, capsys):
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "cat", "dog", "sat", "on", "mat", "big", "red"]
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as fh:
+        for _ in range(64):
+            base = " ".join(rng.choice(words) for _ in range(4))
+            fh.write(json.dumps({"prompt": "the cat", "chosen": base + " yes", "rejected": base + " no"}) + "\n")
+    rm = tmp_path / "rm"
+    argv = ["train-rm", "--data", str(pairs), "--out", str(rm), "--model", str(tiny_llama),
+            "--set", "epochs=5", "--set", "learning_rate=1e-2", "--set", "lora_r=4", "--set", "eval_fraction=0.25"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy:" in out and (rm / "reward_model.safetensors").is_file()
+    meta = json.loads((rm / "reward_model.json").read_text())
+    assert meta["metrics"]["after"]["accuracy"] >= 0.9
+    # the learned model is a reward like any other
+    cfg = _write_cfg(tmp_path, tiny_llama, prompts_file, rewards=[{"name": f"rm:{rm}"}], eval={"enabled": False})
+    run = tmp_path / "run"
+    assert main(["train", "-c", str(cfg), "--out", str(run)]) == 0
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/reward_model" in m
+    assert main(["train-rm", "--data", str(pairs), "--out", str(rm), "--set", "epoch=3"]) == 2
+    assert capsys.readouterr().err == "dynalm: error: unknown config key 'epoch' (did you mean 'epochs'?)\n"

@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import UserError
 
 
+PLANNERS = ["sample", "greedy", "best-of-n", "mcts"]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own mistakes: same one-line shape, exit 2
         raise UserError(message, f"see `{self.prog} --help`")
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=1, help="completions per prompt")
     g.add_argument("--max-new-tokens", type=int, help="override generation.max_new_tokens")
     g.add_argument("--temperature", type=float, help="override generation.temperature")
-    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (same as --planner greedy)")
+    g.add_argument("--planner", choices=PLANNERS, help="decoder: sample, greedy, best-of-n or mcts (default: config planner.name)")
     g.add_argument("--raw", action="store_true", help="do not apply the task template / chat template")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print JSON lines")
@@ -56,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="run directory (base vs trained; writes RUN_DIR/eval.json)")
     src.add_argument("--model", help="evaluate a model as is")
     e.add_argument("--out", help="write the JSON result here too")
+    e.add_argument("--planner", choices=PLANNERS, help="decoder for the trained policy (base always samples)")
     _add_config_args(e)
+
+    r = sub.add_parser("train-rm", help="train a reward model from JSONL (regression rows or preference pairs)")
+    r.add_argument("--data", "-d", required=True, help='JSONL of {"prompt","completion","reward"} or {"prompt","chosen","rejected"} rows')
+    r.add_argument("--out", "-o", required=True, help="folder for reward_model.safetensors + reward_model.json")
+    r.add_argument("--model", help="trunk LM (default: the embedded smollm2-135m-instruct)")
+    r.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a reward-model setting")
 
     c = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(c)
@@ -101,7 +112,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .envs import TextEnv
-    from .rl.rollout import decode_completions, encode_prompts, sample
+    from .planning import plan
 
     if args.n < 1:
         raise UserError("-n must be at least 1", "pass -n 1 or more")
@@ -113,16 +124,22 @@ def cmd_generate(args) -> int:
             if v is not None
         }
     )
-    env = TextEnv(cfg, model.tokenizer, rewards=None) if not args.raw else None
-    prompts = [p for p in args.prompt for _ in range(args.n)]
-    states = [p if args.raw else env.reset({cfg.data.prompt_field: p}) for p in prompts]
+    if args.raw:  # the prompt exactly as given: no task template, no chat template
+        cfg = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update={"template": "{prompt}"}),
+                "model": cfg.model.model_copy(update={"use_chat_template": False}),
+            }
+        )
+    pcfg = cfg.planner.model_copy(update={"name": "greedy" if args.greedy else (args.planner or cfg.planner.name)})
+    env = TextEnv(cfg, model.tokenizer)  # resolving rewards is cheap; models load on first call
+    rows = [{cfg.data.prompt_field: p} for p in args.prompt for _ in range(args.n)]
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
-    ids, _, amask, _, _, ended = sample(model, p_ids, p_mask, gen_cfg, generator=gen, with_values=False, greedy=args.greedy)
-    comps = decode_completions(model.tokenizer, ids, amask, ended)
-    for p, c in zip(prompts, comps):
+    res = plan(model, env, rows, gen_cfg, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen)
+    for r, c in zip(rows, res.completions):
+        p = r[cfg.data.prompt_field]
         if args.json:
-            print(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False))
+            print(json.dumps({"prompt": p, "completion": c, "planner": pcfg.name}, ensure_ascii=False))
         else:
             print(f"### {p}\n{c}\n")
     return 0
@@ -131,21 +148,52 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .checkpoint import write_text_atomic
     from .evaluate import evaluate, summary_table
-    from .report import write_report
+    from .report import finalize_report
     from .run import eval_rows
 
     cfg, model = _model_and_cfg(args)
     rows = eval_rows(cfg)
     if rows is None:
         raise UserError("no eval data: data.eval is empty", "set data.eval in the config or with --set")
-    result = evaluate(model, rows, cfg, base=True, trained=bool(args.run))
+    planner = args.planner or cfg.planner.name
+    if not args.run:  # a bare model: one side, decoded with the planner
+        result = evaluate(model, rows, cfg, base=False, trained=True, planner=planner)
+        result["model"] = result.pop("trained")
+    else:
+        result = evaluate(model, rows, cfg, base=planner == "sample", trained=True, planner=planner)
     if args.run:
-        write_text_atomic(Path(args.run) / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
-        write_report(Path(args.run), result)
+        name = "eval.json" if planner == "sample" else f"eval-{planner}.json"
+        write_text_atomic(Path(args.run) / name, json.dumps(result, indent=2, ensure_ascii=False))
+        main_eval = Path(args.run) / "eval.json"
+        finalize_report(
+            Path(args.run), json.loads(main_eval.read_text()) if main_eval.is_file() else None, model, cfg, rows,
+            echo=lambda s: print(s, file=sys.stderr),
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.out), json.dumps(result, indent=2, ensure_ascii=False))
     print(summary_table(result))
+    return 0
+
+
+def cmd_train_rm(args) -> int:
+    from pydantic import ValidationError
+
+    from .config import _format_validation_error, parse_set
+    from .rewards.learned import RewardModelConfig, train_reward_model
+
+    raw = {"data": args.data, **parse_set(args.set)}
+    if args.model:
+        raw["model"] = args.model
+    try:
+        cfg = RewardModelConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err, RewardModelConfig) from None
+    metrics = train_reward_model(cfg, Path(args.out), echo=lambda s: print(s, flush=True))
+    before, after = metrics["before"], metrics["after"]
+    key = "accuracy" if metrics["kind"] == "pairs" else "pearson"
+    print(f"held-out {key}: {before.get(key)} before → {after.get(key)} after training")
+    print(f"reward model: {args.out} (use it as a reward: name: rm:{args.out})")
     return 0
 
 
@@ -179,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "config": cmd_config}[args.cmd](args)
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "config": cmd_config}[args.cmd](args)
     except UserError as err:
         print(f"dynalm: error: {err.line()}", file=sys.stderr)
         return 2

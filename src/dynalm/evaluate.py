@@ -12,40 +12,72 @@ import torch
 from .config import Config
 from .envs import TextEnv
 from .models.policy import PolicyValueModel
+from .metrics import self_bleu
 from .rewards import text as lex
 from .rl.rollout import decode_completions, encode_prompts, sample
 
 
+def _assemble(prompt_ids, prompt_mask, token_lists, pad: int):
+    """[prompt | completion] rows from completion token lists (right-padded), with masks."""
+    B, P = prompt_ids.shape
+    T = max(1, max(len(t) for t in token_lists))
+    ids = torch.full((B, P + T), pad, dtype=torch.long, device=prompt_ids.device)
+    attn = torch.zeros((B, P + T), dtype=torch.long, device=prompt_ids.device)
+    ids[:, :P], attn[:, :P] = prompt_ids, prompt_mask
+    amask = torch.zeros((B, T), dtype=torch.float32, device=prompt_ids.device)
+    for i, toks in enumerate(token_lists):
+        ids[i, P : P + len(toks)] = torch.tensor(toks, dtype=torch.long)
+        attn[i, P : P + len(toks)] = 1
+        amask[i, : len(toks)] = 1
+    return ids, attn, amask
+
+
 @torch.no_grad()
 def evaluate_side(
-    model: PolicyValueModel, env: TextEnv, rows: list[dict], cfg: Config, *, use_reference: bool
+    model: PolicyValueModel, env: TextEnv, rows: list[dict], cfg: Config, *, use_reference: bool, planner: str | None = None
 ) -> dict:
-    """Sample from the policy (or the reference) on `rows` and score the completions."""
+    """Decode on `rows` with the policy (or the reference) and score the completions.
+
+    `planner` (default cfg.planner.name) picks the decoder: plain sampling, greedy,
+    best-of-n or mcts (see dynalm.planning); planners other than sampling need the policy.
+    """
+    from .planning import plan
+
     e = cfg.eval
+    pcfg = cfg.planner.model_copy(update={"name": planner or cfg.planner.name})
     gen = torch.Generator(device=model.device).manual_seed(e.seed)
     rows = [r for r in rows for _ in range(e.samples_per_prompt)]
     prompts, completions, terms, scores = [], [], {}, []
-    kl_sum, ref_nll, n_tok, lengths, ended = [], 0.0, 0.0, [], []
+    kl_sum, ref_nll, n_tok, lengths, ended, passes = [], 0.0, 0.0, [], [], 0
+    temp = cfg.generation.temperature
     t0 = time.perf_counter()
     for s in range(0, len(rows), e.batch_size):
         chunk = rows[s : s + e.batch_size]
         states = [env.reset(r) for r in chunk]
         p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
-        ids, attn, amask, logp, _, end = sample(
-            model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False, use_reference=use_reference
-        )
-        comps = decode_completions(model.tokenizer, ids, amask, end)
+        if pcfg.name == "sample":
+            ids, attn, amask, logp, _, end = sample(
+                model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False, use_reference=use_reference
+            )
+            comps = decode_completions(model.tokenizer, ids, amask, end)
+            end = end.tolist()
+            passes += amask.shape[1]
+        else:
+            res = plan(model, env, chunk, cfg.generation, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen)
+            comps, end, passes = res.completions, res.ended, passes + res.forward_passes
+            pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+            ids, attn, amask = _assemble(p_ids, p_mask, res.token_ids, pad)
+            logp = model(ids, attn, amask.shape[1], temperature=temp, entropy=False).logprobs
         T = amask.shape[1]
-        temp = cfg.generation.temperature
         ref_lp = model.reference_logprobs(ids, attn, T, temp)
-        pol_lp = ref_lp if use_reference else logp
+        pol_lp = ref_lp if use_reference or model.is_reference else logp
         kl_sum += ((pol_lp - ref_lp) * amask).sum(-1).tolist()
         ref_lp1 = ref_lp if temp == 1.0 else model.reference_logprobs(ids, attn, T, 1.0)
         ref_nll += float(-(ref_lp1 * amask).sum())
         n_tok += float(amask.sum())
         lengths += amask.sum(-1).tolist()
-        ended += end.tolist()
-        _, scored, _ = env.step(chunk, comps, end.tolist())
+        ended += list(end)
+        _, scored, _ = env.step(chunk, comps, list(end))
         for k, v in scored.terms.items():
             terms.setdefault(k, []).extend(v)
         scores += scored.scores
@@ -54,6 +86,7 @@ def evaluate_side(
     secs = time.perf_counter() - t0
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {
+        "planner": pcfg.name,
         "reward": mean(scores),
         "reward_std": float(torch.tensor(scores).std()) if len(scores) > 1 else 0.0,
         **{f"reward/{k}": mean(v) for k, v in terms.items()},
@@ -61,25 +94,30 @@ def evaluate_side(
         "perplexity_ref": math.exp(ref_nll / max(n_tok, 1.0)),
         "distinct1": lex.distinct_n_corpus(completions, 1),
         "distinct2": lex.distinct_n_corpus(completions, 2),
+        "self_bleu": self_bleu(completions),
         "mean_length": mean(lengths),
         "eos_rate": mean([float(x) for x in ended]),
         "n": len(completions),
         "seconds_per_sample": secs / max(len(completions), 1),
+        "forward_calls": passes,
         "samples": [
             {"prompt": p, "completion": c, "reward": s} for p, c, s in zip(prompts, completions, scores)
         ],
     }
 
 
-def evaluate(model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bool = True, trained: bool = True) -> dict:
+def evaluate(
+    model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bool = True, trained: bool = True, planner: str | None = None
+) -> dict:
+    """Base (the reference, plain sampling) and/or trained policy (with `planner`) on `rows`."""
     env = TextEnv(cfg, model.tokenizer)
     if cfg.eval.max_prompts:
         rows = rows[: cfg.eval.max_prompts]
     out: dict = {"n_prompts": len(rows)}
     if base:
-        out["base"] = evaluate_side(model, env, rows, cfg, use_reference=True)
+        out["base"] = evaluate_side(model, env, rows, cfg, use_reference=True, planner="sample")
     if trained:
-        out["trained"] = evaluate_side(model, env, rows, cfg, use_reference=False)
+        out["trained"] = evaluate_side(model, env, rows, cfg, use_reference=False, planner=planner)
     if base and trained:
         out["delta_reward"] = out["trained"]["reward"] - out["base"]["reward"]
     return out
@@ -87,8 +125,8 @@ def evaluate(model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bo
 
 def summary_table(result: dict) -> str:
     """A markdown table of the scalar metrics, one column per side."""
-    sides = [s for s in ("base", "trained") if s in result]
-    keys = [k for k in result[sides[0]] if k != "samples"]
+    sides = [s for s in ("base", "trained", "model") if s in result]
+    keys = [k for k in result[sides[0]] if k not in ("samples", "planner")]
     lines = ["| metric | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
     for k in keys:
         cells = []

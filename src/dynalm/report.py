@@ -46,9 +46,38 @@ def _quote(s: str) -> str:
     return s.replace("\n", " ").replace("|", "\\|")
 
 
+def _planner_section(run_dir: Path, eval_result: dict | None) -> list[str]:
+    """One row per decoder evaluated on this run (`dynalm eval --run R --planner P`)."""
+    rows = []
+    if eval_result and "trained" in eval_result:
+        rows.append(eval_result["trained"])
+    for p in sorted(run_dir.glob("eval-*.json")):
+        rows.append(json.loads(p.read_text())["trained"])
+    if len(rows) < 2:
+        return []
+    out = ["## Decoding with the model (planners)", "",
+           "| planner | reward | KL | distinct-2 | s / sample | forward calls |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(
+            f"| {r.get('planner', 'sample')} | {r['reward']:.4f} | {r['kl']:.3f} | {r['distinct2']:.3f} | "
+            f"{r['seconds_per_sample']:.2f} | {r.get('forward_calls', '')} |"
+        )
+    return out + [""]
+
+
+def hacking_flags(eval_result: dict | None) -> list[str]:
+    from .metrics import reward_hacking_flags
+
+    if not eval_result or "base" not in eval_result or "trained" not in eval_result:
+        return []
+    return reward_hacking_flags(eval_result["base"], eval_result["trained"])
+
+
 def write_report(run_dir: Path, eval_result: dict | None, n_samples: int = 4) -> Path:
     metrics = read_metrics(run_dir)
     lines = [f"# dynalm run report: `{run_dir.name}`", ""]
+    for flag in hacking_flags(eval_result):
+        lines += [f"> **Warning — possible reward hacking:** {flag}", ""]
     if metrics:
         last = metrics[-1]
         first = metrics[0]
@@ -72,6 +101,21 @@ def write_report(run_dir: Path, eval_result: dict | None, n_samples: int = 4) ->
                 smp = eval_result[s]["samples"][i]
                 lines += [f"- *{s}* (reward {smp['reward']:.3f}): {_quote(smp['completion'])}"]
             lines += [""]
+    if (run_dir / "tokens.html").is_file():
+        lines += ["Per-token advantages, KL and rewards for a few eval samples: [tokens.html](tokens.html)", ""]
+    lines += _planner_section(run_dir, eval_result)
     out = run_dir / "report.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
+
+
+def finalize_report(run_dir: Path, eval_result: dict | None, model=None, cfg=None, rows=None, echo=print, n_tokens: int = 4) -> Path:
+    """report.md, the per-token HTML view (when a model and eval rows are given), and any
+    reward-hacking warnings, which are also printed."""
+    if model is not None and cfg is not None and rows:
+        from .interpret import token_table, write_token_html
+
+        write_token_html(token_table(model, rows[:n_tokens], cfg, seed=cfg.eval.seed), run_dir / "tokens.html")
+    for flag in hacking_flags(eval_result):
+        echo(f"warning: possible reward hacking: {flag}")
+    return write_report(run_dir, eval_result)

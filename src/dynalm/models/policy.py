@@ -115,6 +115,11 @@ class PolicyValueModel(nn.Module):
         return model.to(device)
 
     @property
+    def is_reference(self) -> bool:
+        """True for a model loaded as is (frozen=True): the policy is its own reference."""
+        return not self.lora and self.ref_lm is None
+
+    @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 

@@ -1,0 +1,40 @@
+"""Report: per-token HTML view, reward-hacking warnings, planner table."""
+
+import json
+
+from dynalm.config import build_config
+from dynalm.interpret import token_table, write_token_html
+from dynalm.models.policy import PolicyValueModel
+from dynalm.report import finalize_report
+
+from conftest import tiny_overrides
+
+
+def test_token_table_matches_trainer_quantities(tiny_llama, prompts_file, tmp_path):
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "a2c"}, kl={"coef": 0.1}))
+    model = PolicyValueModel.from_config(cfg)
+    rows = [{"prompt": "the cat sat"}, {"prompt": "once upon a time"}]
+    table = token_table(model, rows, cfg)
+    assert len(table) == 2
+    for s in table:
+        n = len(s["tokens"])
+        assert n >= 1 and len(s["advantage"]) == len(s["kl"]) == len(s["reward"]) == n
+        # reward = −β·KL per token, plus the score on the last token
+        for t in range(n - 1):
+            assert abs(s["reward"][t] + 0.1 * s["kl"][t]) < 1e-5
+        assert abs(s["reward"][-1] - (s["score"] - 0.1 * s["kl"][-1])) < 1e-5
+    page = write_token_html(table, tmp_path / "tokens.html").read_text()
+    assert page.count("class='tok'") == 3 * sum(len(s["tokens"]) for s in table)
+    assert "title='advantage" in page and "title='kl" in page
+
+
+def test_hacking_flags_reach_report_and_console(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.1, "kl": 0.0}) + "\n")
+    base = {"reward": 0.1, "distinct2": 0.9, "kl": 0.0, "mean_length": 40.0, "eos_rate": 0.8, "samples": []}
+    trained = {"reward": 0.9, "distinct2": 0.5, "kl": 25.0, "mean_length": 10.0, "eos_rate": 0.1, "samples": []}
+    said = []
+    report = finalize_report(tmp_path, {"n_prompts": 0, "base": base, "trained": trained, "delta_reward": 0.8}, echo=said.append)
+    text = report.read_text()
+    assert len(said) == 4 and all(s.startswith("warning: possible reward hacking: ") for s in said)
+    assert text.count("> **Warning — possible reward hacking:**") == 4
+    assert text.index("Warning") < text.index("## Eval")
