@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +23,6 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--config", default="configs/story.yaml")
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--results", default="benchmarks/results/demo.json")
     a = ap.parse_args()
     cmd = [sys.executable, "-m", "dynalm", "train", "--config", a.config, "--out", a.out, "--force"]
     for s in a.set:
@@ -63,8 +51,7 @@ def main() -> None:
             for b, tr in list(zip(ev["base"]["samples"], ev["trained"]["samples"]))[:3]
         ],
     }
-    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.results).write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    write_result("demo", res)
     print(json.dumps({k: res[k] for k in ("wall_seconds", "steps", "median_step_seconds", "delta_reward")}, indent=2))
 
 

@@ -1,0 +1,49 @@
+"""Train each task preset on the embedded model and record base vs trained eval.
+
+    python benchmarks/tasks.py [--tasks sentiment translation poem] [--set key=value ...]
+
+Writes benchmarks/results/tasks.json; the README's task table quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, write_result  # noqa: E402
+
+KEYS = ["reward", "kl", "distinct2", "self_bleu", "mean_length", "eos_rate", "reward/repetition"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="+", default=["sentiment", "translation", "poem"])
+    ap.add_argument("--set", action="append", default=[])
+    a = ap.parse_args()
+    out = {"machine": machine(), "command": "python benchmarks/tasks.py " + " ".join(f"--set {s}" for s in a.set), "tasks": {}}
+    for task in a.tasks:
+        run = Path("runs") / f"bench-{task}"
+        cmd = [sys.executable, "-m", "dynalm", "train", "-c", f"configs/{task}.yaml", "--out", str(run), "--force"]
+        for s in a.set:
+            cmd += ["--set", s]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        ev = json.loads((run / "eval.json").read_text())
+        terms = [k for k in ev["base"] if k.startswith("reward/")]
+        out["tasks"][task] = {
+            "wall_seconds": round(time.perf_counter() - t, 1),
+            "eval_prompts": ev["n_prompts"],
+            "base": {k: ev["base"][k] for k in KEYS + terms if k in ev["base"]},
+            "trained": {k: ev["trained"][k] for k in KEYS + terms if k in ev["trained"]},
+        }
+        write_result("tasks", out)
+        print(task, json.dumps(out["tasks"][task]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
