@@ -29,16 +29,17 @@ class TextEnv:
         return render_prompt(self.tokenizer, text, chat=m.use_chat_template, system_prompt=m.system_prompt)
 
     def step(
-        self, rows: list[dict], completions: list[str], ended: list[bool] | None = None
+        self, rows: list[dict], completions: list[str], ended: list[bool] | None = None, *, training: bool = False
     ) -> tuple[list[str], ScoredTerms, list[bool]]:
         """Next states, rewards and done flags for a batch of finished completions.
 
         Reward functions get the rows' other fields as keyword lists (e.g. `reference`), and
         `ended`: whether each completion stopped at EOS rather than the token limit.
+        `training` lets normalised reward terms update their running statistics.
         """
         prompts = [str(r[self.cfg.data.prompt_field]) for r in rows]
         extras = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {self.cfg.data.prompt_field})}
         extras["ended"] = list(ended) if ended is not None else [True] * len(rows)
-        scored = self.rewards(prompts, completions, **extras)
+        scored = self.rewards(prompts, completions, update_stats=training, **extras)
         next_states = [self.reset(r) + c for r, c in zip(rows, completions)]
         return next_states, scored, [True] * len(rows)

@@ -1,8 +1,14 @@
 """Advantage estimators: TD(0), GAE(λ), group-relative (GRPO) and leave-one-out (RLOO).
 
-All token-level tensors are [B, T] with a float `mask` (1 on real completion tokens,
-which form a prefix of each row). Values past a row's last real token are treated as
-the terminal state: V = 0.
+All token-level tensors are [B, T] with a float `mask` (1 on the action tokens). In a
+single-turn batch the mask is a prefix of each row; in a multi-turn dialog it has gaps
+(the user's turns and the chat-template tokens between assistant turns). TD(0) and GAE run
+over the masked-in positions only: a gap is skipped, so the next value after the last
+token of assistant turn k is the value at the first token of turn k+1. Values past a row's
+last action token are treated as the terminal state: V = 0.
+
+`gamma` is a float, or a [B, T] tensor whose entry at t is the discount from action t to
+the next action of its row (a dialog uses it to discount across turns by `env.turn_gamma`).
 """
 
 from __future__ import annotations
@@ -32,34 +38,64 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
-def td0(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float):
+def next_action_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """V at the next masked-in position of each row (0 after its last one), skipping gaps."""
+    B, T = values.shape
+    v = values * mask
+    out = torch.zeros_like(v)
+    nxt = torch.zeros(B, dtype=v.dtype, device=v.device)
+    for t in reversed(range(T)):
+        out[:, t] = nxt
+        nxt = torch.where(mask[:, t] > 0, v[:, t], nxt)
+    return out
+
+
+def td0(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma):
     """The article's one-step advantage δ_t = r_t + γV(s_{t+1}) − V(s_t); V = 0 after the end.
 
+    s_{t+1} is the state of the row's next action (masked gaps skipped).
     Returns (advantages, returns) with returns = r_t + γV(s_{t+1}), the TD target.
     """
     v = values * mask
-    next_v = torch.zeros_like(v)
-    next_v[:, :-1] = v[:, 1:]
+    next_v = next_action_values(values, mask)
     target = (rewards + gamma * next_v) * mask
     return (target - v) * mask, target
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al., 2016), backwards over tokens.
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma, lam: float):
+    """Generalised advantage estimation (Schulman et al., 2016), backwards over the action tokens.
 
-    A_t = Σ_k (γλ)^k δ_{t+k};  returns = A_t + V(s_t) (the λ-return).
+    A_t = δ_t + γλ·A_{t'} and δ_t = r_t + γV(s_{t'}) − V(s_t), with t' the row's next action
+    (masked gaps skipped; none after the last: V = 0, A = 0); returns = A_t + V(s_t), the λ-return.
     """
     v = values * mask
     B, T = rewards.shape
     adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # A at the next action
+    next_v = torch.zeros_like(last)  # V at the next action
+    scalar = not isinstance(gamma, torch.Tensor)
     for t in reversed(range(T)):
-        next_v = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - v[:, t]
-        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)
-        adv[:, t] = last
+        g = gamma if scalar else gamma[:, t]
+        delta = rewards[:, t] + g * next_v - v[:, t]
+        a_t = delta + (gamma * lam if scalar else g * lam) * last
+        adv[:, t] = a_t
+        # Only action positions move the recursion on: a gap (a user turn) or the padding
+        # after the end leaves the next action's value and advantage as they were.
+        keep = mask[:, t] > 0
+        last = torch.where(keep, a_t, last)
+        next_v = torch.where(keep, v[:, t], next_v)
     adv = adv * mask
     return adv, (adv + v) * mask
+
+
+def turn_discounts(turn_ids: torch.Tensor, mask: torch.Tensor, gamma: float, turn_gamma: float) -> torch.Tensor:
+    """Per-position discounts for a multi-turn batch: `gamma` from one action token to the
+    next within a turn, `turn_gamma` from the last token of turn k to the first of turn k+1."""
+    ids = turn_ids.to(mask.dtype)
+    nxt = next_action_values(ids + 1.0, mask) - 1.0  # turn of the next action; −1 after the last
+    boundary = (mask > 0) & (nxt >= 0) & (nxt != ids)
+    out = torch.full_like(mask, float(gamma))
+    return torch.where(boundary, torch.full_like(out, float(turn_gamma)), out)
 
 
 def group_advantages(scores: torch.Tensor, group: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:

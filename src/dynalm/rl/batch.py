@@ -4,6 +4,12 @@ Layout: every row is `[left-padded prompt | completion, right-padded]`. All prom
 at the same column P, so the completion region is columns P..P+T-1 for every row and
 per-token tensors are [B, T]. Padding is tracked only by masks, never by token ids.
 Each stage of the step adds fields; none rewrites an earlier stage's.
+
+A multi-turn dialog (envs/dialog.py) uses the same layout with the whole conversation as
+the "completion": `[left-padded first prompt | assistant turn 1 | user turn 2 + template
+tokens | assistant turn 2 | ...]`. Only assistant tokens are actions (action_mask 1);
+`turn_ids` says which turn each action token belongs to and `turn_scores` holds each
+turn's reward at the turn's last token. Both are None for a single-turn batch.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ class Batch:
     group: torch.Tensor  # [B] index of the prompt each row came from
     ended: torch.Tensor  # [B] bool: the completion reached EOS
     extras: dict = field(default_factory=dict)  # per-row data fields passed to reward functions
+    turn_ids: torch.Tensor | None = None  # [B, T] long, multi-turn only: assistant turn (0..K−1) of each action token, −1 elsewhere
     # scoring
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     scores: torch.Tensor | None = None  # [B] weighted sequence score
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B]
+    turn_scores: torch.Tensor | None = None  # [B, T] multi-turn only: each turn's weighted score at its last token
     rewards: torch.Tensor | None = None  # [B, T] per-token rewards (score on the last token, KL and shaping per token)
     # advantages
     advantages: torch.Tensor | None = None  # [B, T]
@@ -64,9 +72,11 @@ class Batch:
             group=take(self.group),
             ended=take(self.ended),
             extras={k: [v[i] for i in ids] for k, v in self.extras.items()},
+            turn_ids=take(self.turn_ids),
             ref_logprobs=take(self.ref_logprobs),
             scores=take(self.scores),
             reward_terms={k: take(v) for k, v in self.reward_terms.items()},
+            turn_scores=take(self.turn_scores),
             rewards=take(self.rewards),
             advantages=take(self.advantages),
             returns=take(self.returns),
