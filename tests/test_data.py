@@ -46,3 +46,27 @@ def test_malformed_rows(tmp_path, content, msg):
 def test_unknown_builtin():
     with pytest.raises(UserError, match="no built-in data set 'nope'"):
         read_rows("builtin:nope")
+
+
+def test_datasets_folder_with_splits(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([{"text": "a b", "ref": "x"}]), "test": datasets.Dataset.from_list([{"text": "c", "ref": "y"}])}
+    )
+    dd.save_to_disk(str(tmp_path / "ds"))
+    assert read_rows(str(tmp_path / "ds"), "text", "test") == [{"text": "c", "ref": "y"}]
+    with pytest.raises(UserError, match=r"has no split 'validation' \(its splits: train, test"):
+        read_rows(str(tmp_path / "ds"), "text", "validation")
+    with pytest.raises(UserError, match=r"has no column 'prompt' \(its columns: text, ref"):
+        read_rows(str(tmp_path / "ds"), "prompt", "train")
+
+
+def test_reference_field_reaches_rewards(tmp_path):
+    from dynalm.config import load_config
+    from dynalm.run import train_rows
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"source": "hello", "target": "bonjour"}\n')
+    cfg = load_config(None, {"data": {"train": str(p), "prompt_field": "source", "reference_field": "target"}})
+    assert train_rows(cfg) == [{"source": "hello", "target": "bonjour", "reference": "bonjour"}]

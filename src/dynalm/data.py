@@ -19,11 +19,14 @@ def builtin_path(name: str) -> Path:
     return p
 
 
-def read_rows(spec: str, prompt_field: str = "prompt") -> list[dict]:
-    """Rows from 'builtin:NAME', a .jsonl file or a .csv file; every row needs `prompt_field`.
+def read_rows(spec: str, prompt_field: str = "prompt", split: str = "train") -> list[dict]:
+    """Rows from 'builtin:NAME', a .jsonl or .csv file, a `datasets` folder (save_to_disk) or
+    'hf:NAME[:CONFIG]' (the hub, for online users); every row needs `prompt_field`.
 
     Any malformed input raises a UserError naming the file (and line); never another exception.
     """
+    if spec.startswith("hf:") or (Path(spec).is_dir() and not spec.startswith("builtin:")):
+        return _read_datasets(spec, prompt_field, split)
     path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec)
     if not path.is_file():
         raise UserError(f"data file '{spec}' not found", "check the path in data.train / data.eval")
@@ -34,6 +37,37 @@ def read_rows(spec: str, prompt_field: str = "prompt") -> list[dict]:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{spec}: line {line} is not UTF-8 text", "save the file as UTF-8") from None
     rows = _read_csv(spec, text, prompt_field) if path.suffix.lower() == ".csv" else _read_jsonl(spec, text, prompt_field)
+    if not rows:
+        raise UserError(f"data set '{spec}' is empty", "give at least one row")
+    return rows
+
+
+def _read_datasets(spec: str, prompt_field: str, split: str) -> list[dict]:
+    """A Hugging Face `datasets` source: a save_to_disk folder, or a hub name (online)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data '{spec}' needs the `datasets` package", "run: pip install datasets") from None
+    try:
+        if spec.startswith("hf:"):
+            name, _, config = spec[3:].partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split)
+        else:
+            ds = datasets.load_from_disk(spec)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"data '{spec}' has no split '{split}'", f"its splits: {', '.join(ds)}; set data.train_split / data.eval_split")
+                ds = ds[split]
+    except UserError:
+        raise
+    except Exception as exc:  # network, missing data set, bad folder: one line, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not load data '{spec}' (split '{split}'): {first}", "check the name, the split, or your network") from None
+    if prompt_field not in ds.column_names:
+        raise UserError(f"data '{spec}' has no column '{prompt_field}'", f"its columns: {', '.join(ds.column_names)}; set data.prompt_field")
+    rows = [dict(r) for r in ds]
+    for i, row in enumerate(rows, start=1):
+        _check_row(spec, i, row, prompt_field)
     if not rows:
         raise UserError(f"data set '{spec}' is empty", "give at least one row")
     return rows

@@ -45,7 +45,7 @@ from .data import read_rows
 from .errors import UserError
 from .evaluate import evaluate
 from .models.policy import PolicyValueModel
-from .envs import TextEnv
+from .envs import make_env
 from .report import finalize_report
 from .rewards import RewardSet
 from .rl.trainer import NonFiniteError, Trainer, seed_everything
@@ -69,11 +69,23 @@ def train_rows(cfg: Config) -> list[dict]:
         return [{d.prompt_field: p} for p in d.prompts]
     if d.train is None:
         raise UserError("no training data: data.train and data.prompts are both empty", "set data.train or data.prompts")
-    return read_rows(d.train, d.prompt_field)
+    return _with_reference(read_rows(d.train, d.prompt_field, d.train_split), cfg)
 
 
 def eval_rows(cfg: Config) -> list[dict] | None:
-    return read_rows(cfg.data.eval, cfg.data.prompt_field) if cfg.data.eval else None
+    d = cfg.data
+    return _with_reference(read_rows(d.eval, d.prompt_field, d.eval_split), cfg) if d.eval else None
+
+
+def _with_reference(rows: list[dict], cfg: Config) -> list[dict]:
+    """Expose `data.reference_field` to reward functions under the name `reference`."""
+    f = cfg.data.reference_field
+    if not f or f == "reference":
+        return rows
+    missing = next((i for i, r in enumerate(rows, start=1) if f not in r), None)
+    if missing is not None:
+        raise UserError(f"row {missing} has no field '{f}' (data.reference_field)", "fix the data or data.reference_field")
+    return [{**r, "reference": r[f]} for r in rows]
 
 
 def set_threads(cfg: Config) -> None:
@@ -95,7 +107,7 @@ def prepare_run_dir(out: Path, *, force: bool) -> None:
         # config.yaml goes last: a --force killed midway leaves a folder that is still a
         # run (refused without --force) rather than a half-deleted one that looks empty.
         for m in ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
-                  "curves.png", ".config.yaml.tmp", "config.yaml"):
+                  "curves.png", "transcripts.jsonl", ".config.yaml.tmp", "config.yaml"):
             p = out / m
             if p.is_dir():
                 shutil.rmtree(p)
@@ -242,8 +254,17 @@ def model_memory_estimate(model: PolicyValueModel, cfg: Config) -> dict[str, int
         vocab=tc.vocab_size,
         batch=cfg.algorithm.minibatch_size or cfg.train.batch_size,
         prompt_tokens=cfg.model.max_prompt_tokens,
-        new_tokens=cfg.generation.max_new_tokens,
+        new_tokens=_new_tokens(cfg),
     )
+
+
+def _new_tokens(cfg: Config) -> int:
+    """Tokens after the prompt in a training sequence; a dialog holds every turn (both sides)."""
+    if cfg.env.kind == "dialog":
+        from .envs.dialog import region_tokens
+
+        return region_tokens(cfg)
+    return cfg.generation.max_new_tokens
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -318,7 +339,7 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
     if resume is None:
         prepare_run_dir(run_dir, force=force)
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    trainer = Trainer(cfg, model, rows, TextEnv(cfg, model.tokenizer, rewards))
+    trainer = Trainer(cfg, model, rows, make_env(cfg, model, rewards))
     ckpt = None
     if resume is not None:
         clean_partial_checkpoints(run_dir / "checkpoints")
@@ -397,6 +418,10 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
     if ev is not None:
         result = evaluate(model, ev, cfg)
         write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
+        if cfg.env.kind == "dialog" and cfg.env.transcripts:  # a few eval conversations, turn by turn
+            from .envs.dialog import write_transcripts
+
+            write_transcripts(run_dir / "transcripts.jsonl", result, cfg.env.transcripts)
         echo(
             f"eval reward: base {result['base']['reward']:.4f} → trained {result['trained']['reward']:.4f} "
             f"({result['delta_reward']:+.4f}) on {result['n_prompts']} held-out prompts"
