@@ -67,3 +67,19 @@ def test_relatedness_minilm_offline():
         ["The brave knight raised his sword against the fire-breathing beast.", "Quarterly tax filings are due in April."],
     )
     assert -1.0 <= other < same <= 1.0 and same - other > 0.2
+
+
+def test_running_normalisation_and_clipping():
+    rs = RewardSet([RewardTerm(name="length", normalize=True, clip=1.0)])
+    # first batch: lengths 1 and 3 → running mean 2, std sqrt(2); scores (x − 2)/sqrt(2), clipped to ±1
+    out = rs(["", ""], ["a", "a b c"], update_stats=True)
+    assert out.terms["length"] == [1.0, 3.0]  # logged raw
+    assert out.scores == pytest.approx([-(2**-0.5), 2**-0.5])
+    # eval calls do not move the statistics
+    rs(["", ""], ["a b c d e f g h", "a"], update_stats=False)
+    assert rs.state_dict()["length"] == pytest.approx([2.0, 2.0, 2.0])
+    out = rs([""], ["a b c d e f g h"])
+    assert out.scores == [1.0]  # (8 − 2)/sqrt(2) ≈ 4.2, clipped
+    rs2 = RewardSet([RewardTerm(name="length", normalize=True, clip=1.0)])
+    rs2.load_state_dict(rs.state_dict())
+    assert rs2([""], ["a b"]).scores == rs([""], ["a b"]).scores

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..config import RewardTerm
 from ..errors import UserError
-from . import models, tasks, text
+from . import dialog, models, tasks, text
 
 RewardFn = Callable[..., list[float]]
 
@@ -38,6 +38,11 @@ BUILTINS: dict[str, RewardFn] = {
     "theme_relevance": tasks.theme_relevance,
     "eos": tasks.eos,
     "length_floor": tasks.length_floor,
+    # turn rewards of the dialog environment (env.kind: dialog)
+    "user_sentiment": dialog.user_sentiment,
+    "engagement": dialog.engagement,
+    "relevance": dialog.relevance,
+    "turn_repetition": dialog.turn_repetition,
 }
 
 
@@ -122,13 +127,41 @@ class RewardSet:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise UserError(f"two reward terms are named '{sorted(dup)[0]}'", "give one of them an alias")
+        # running [count, mean, M2] per normalised term (Welford), part of the checkpoint
+        self.stats: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n, _, t in self.terms if t.normalize}
+
+    def state_dict(self) -> dict:
+        return {k: list(v) for k, v in self.stats.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.stats[k] = list(v)
+
+    def _shape(self, name: str, term: RewardTerm, vals: list[float], update: bool) -> list[float]:
+        """Normalise (running mean/std; stats move only when `update`) and clip one term."""
+        out = vals
+        if term.normalize:
+            st = self.stats[name]
+            if update:
+                for v in vals:  # Welford's online update
+                    st[0] += 1
+                    d = v - st[1]
+                    st[1] += d / st[0]
+                    st[2] += d * (v - st[1])
+            std = math.sqrt(st[2] / (st[0] - 1)) if st[0] > 1 else 1.0
+            out = [(v - st[1]) / (std + 1e-8) for v in out]
+        if term.clip is not None:
+            out = [min(max(v, -term.clip), term.clip) for v in out]
+        return out
 
     @property
     def names(self) -> list[str]:
         return [n for n, _, _ in self.terms]
 
-    def __call__(self, prompts: list[str], completions: list[str], **extras) -> ScoredTerms:
+    def __call__(self, prompts: list[str], completions: list[str], *, update_stats: bool = False, **extras) -> ScoredTerms:
+        """Each term (raw, as logged) and the weighted score of the shaped terms."""
         out: dict[str, list[float]] = {}
+        shaped: dict[str, list[float]] = {}
         for name, fn, term in self.terms:
             try:
                 vals = fn(prompts, completions, **extras, **term.kwargs)
@@ -139,7 +172,8 @@ class RewardSet:
                     f"reward function '{name}' raised {type(exc).__name__}: {exc}", "fix the reward function"
                 ) from None
             out[name] = check_values(name, vals, len(completions))
-        scores = [sum(t.weight * out[n][i] for n, _, t in self.terms) for i in range(len(completions))]
+            shaped[name] = self._shape(name, term, out[name], update_stats)
+        scores = [sum(t.weight * shaped[n][i] for n, _, t in self.terms) for i in range(len(completions))]
         return ScoredTerms(out, scores)
 
 
