@@ -108,3 +108,20 @@ def test_update_changes_trainable_and_not_frozen(algo, lora, tiny_llama, prompts
     if has_head:
         assert "value_head.weight" in changed
     assert frozen  # LoRA: base weights; full FT: the reference copy
+
+
+def test_critic_free_side_value_head_learns_monte_carlo_return(tiny_llama, prompts_file):
+    """grpo with model.value_head: true trains V on the Monte-Carlo return (for planning)."""
+    from dynalm.data import read_rows
+
+    cfg, model = _model(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2},
+                        model={"value_head": True}, rewards=[{"name": "length"}], kl={"coef": 0.0})
+    trainer = Trainer(cfg, model, read_rows(str(prompts_file)))
+    before = model.value_head.weight.detach().clone()
+    res = trainer.step()
+    b = res.batch
+    # returns = reward-to-go (γ = 1): the score at the last token, so every valid position holds the score
+    expect = b.scores[:, None] * b.action_mask
+    assert torch.allclose(b.returns, expect, atol=1e-6)
+    assert not torch.equal(before, model.value_head.weight)
+    assert res.metrics["value_loss"] > 0 and "explained_variance" in res.metrics

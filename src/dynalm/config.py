@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -38,7 +38,9 @@ class ModelConfig(_Section):
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     value_head: bool | None = Field(
-        None, description="Add a value head; null = only when the algorithm needs one (a2c, ppo)."
+        None,
+        description="Add a value head; null = only when the algorithm needs one (a2c, ppo). With grpo/rloo it is "
+        "trained on the Monte-Carlo return, for planning.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run; auto = cuda if available.")
     use_chat_template: bool = Field(True, description="Wrap prompts in the tokenizer's chat template when it has one.")
@@ -48,9 +50,15 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train: str | None = Field(
-        "builtin:story_train", description="Training prompts: 'builtin:NAME' or a JSONL/CSV path."
+        "builtin:story_train",
+        description="Training prompts: 'builtin:NAME', a JSONL/CSV file, a `datasets` save_to_disk folder, or 'hf:NAME[:CONFIG]'.",
     )
-    eval: str | None = Field("builtin:story_eval", description="Held-out prompts for eval: 'builtin:NAME' or a path.")
+    eval: str | None = Field("builtin:story_eval", description="Held-out prompts for eval; same forms as `train`.")
+    train_split: str = Field("train", description="Split of a `datasets` source used for training.")
+    eval_split: str = Field("test", description="Split of a `datasets` source used for eval.")
+    reference_field: str | None = Field(
+        None, description="Row field passed to reward functions as `reference` (e.g. a translation's target)."
+    )
     prompts: list[str] | None = Field(None, description="Inline training prompts; overrides `train` when set.")
     prompt_field: str = Field("prompt", description="Field of each row holding the prompt.")
     template: str = Field("{prompt}", description="Text shown to the model; `{prompt}` and any row field can be used.")
@@ -70,6 +78,8 @@ class RewardTerm(_Section):
     weight: float = Field(1.0, description="Weight of this term in the sequence score.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
     alias: str | None = Field(None, description="Name used in logs; defaults to the function name.")
+    normalize: bool = Field(False, description="Standardise this term by its running mean/std over training (logged raw).")
+    clip: float | None = Field(None, gt=0, description="Clip this term (after normalising) to [−clip, clip]; null = off.")
 
 
 class KLConfig(_Section):
@@ -80,11 +90,58 @@ class KLConfig(_Section):
     horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller, in samples.")
 
 
+DEFAULT_USER_INSTRUCTIONS = (
+    "You are role-playing a person chatting with an AI assistant. {persona} {goal} "
+    "Write only your next message to the assistant: one or two short sentences, in character."
+)
+
+
+def _user_generation_default() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=32, temperature=0.7, top_p=0.9)
+
+
 class EnvConfig(_Section):
     fluency_coef: float = Field(
         0.0,
         description="α: per-token reward α·log P_env(a_t|s_t) from the frozen environment LM (the reference policy); 0 = off.",
     )
+    kind: Literal["text", "dialog"] = Field(
+        "text", description="Environment: single-turn text completion, or a multi-turn dialog with a simulated user (envs/dialog.py)."
+    )
+    turns: int = Field(3, ge=1, description="dialog: assistant turns per episode (the simulated user answers each one).")
+    user_model: str = Field(
+        "reference",
+        description="dialog: the user-simulator LM: 'reference' = the policy's own frozen reference (no extra memory), or a model name as in model.name.",
+    )
+    turn_gamma: float = Field(
+        0.95, ge=0, le=1, description="dialog: discount between consecutive assistant turns (γ across turns; algorithm.gamma applies within a turn)."
+    )
+    user_generation: GenerationConfig = Field(
+        default_factory=_user_generation_default, description="dialog: sampling settings of the user simulator's replies."
+    )
+    user_instructions: str = Field(
+        DEFAULT_USER_INSTRUCTIONS,
+        description="dialog: the user simulator's system message; {persona}, {goal} and any other row field are filled in (missing ones empty).",
+    )
+    user_max_prompt_tokens: int = Field(
+        1024, ge=8, description="dialog: user-simulator prompts longer than this are cut from the left."
+    )
+    transcripts: int = Field(
+        8, ge=0, description="dialog: eval episodes per side (base, trained) written to transcripts.jsonl in the run directory."
+    )
+
+    @field_validator("user_instructions")
+    @classmethod
+    def _instructions_format(cls, v: str) -> str:
+        from collections import defaultdict
+
+        try:
+            v.format_map(defaultdict(str))
+        except (ValueError, IndexError, KeyError, AttributeError) as exc:
+            raise ValueError(
+                f"is not a valid template ({exc}): name row fields as {{persona}}, write literal braces as {{{{ }}}}"
+            ) from None
+        return v
 
 
 class AlgorithmConfig(_Section):
@@ -205,6 +262,10 @@ class Config(_Section):
             raise ValueError("data.prompts is empty")
         if not self.rewards and self.env.fluency_coef == 0:
             raise ValueError("no reward: give at least one entry in rewards or set env.fluency_coef")
+        if self.env.kind == "text":
+            dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement"})
+            if dialog_only:
+                raise ValueError(f"reward '{dialog_only[0]}' scores a simulated user's reply: it needs env.kind: dialog")
         return self
 
     @property

@@ -110,6 +110,10 @@ def evaluate(
     model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bool = True, trained: bool = True, planner: str | None = None
 ) -> dict:
     """Base (the reference, plain sampling) and/or trained policy (with `planner`) on `rows`."""
+    if cfg.env.kind == "dialog":  # multi-turn episodes with a simulated user: envs/dialog.py
+        from .envs.dialog import evaluate_dialog
+
+        return evaluate_dialog(model, rows, cfg, base=base, trained=trained, planner=planner)
     env = TextEnv(cfg, model.tokenizer)
     if cfg.eval.max_prompts:
         rows = rows[: cfg.eval.max_prompts]

@@ -22,6 +22,10 @@ from .rl.rollout import decode_completions, encode_prompts, sample
 @torch.no_grad()
 def token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: int = 0) -> list[dict]:
     """Per sample: prompt, tokens, and per-token advantage, KL and reward."""
+    if cfg.env.kind == "dialog":  # whole conversations: envs/dialog.py
+        from .envs.dialog import dialog_token_table
+
+        return dialog_token_table(model, rows, cfg, seed)
     from .rl.batch import Batch
     from .rl.trainer import add_advantages, add_token_rewards
 

@@ -1,7 +1,9 @@
 """The training loop: rollout → score → reference → rewards → advantages → update → log.
 
 Reads top to bottom, one step at a time. Each stage adds fields to the Batch; none reaches
-back into an earlier one.
+back into an earlier one. With `env.kind: dialog` the rollout and scoring stages are the
+DialogEnv's multi-turn rollout (envs/dialog.py); the later stages are shared, acting on the
+assistant's tokens only (the action mask).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..envs import TextEnv
+from ..envs import DialogEnv, TextEnv, make_env
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
@@ -98,7 +100,8 @@ def build_scheduler(opt, cfg: Config):
 
 
 def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
-    """r_t = −β·KL_t (a2c, ppo) + α·log P_env(a_t|s_t), plus the sequence score on the last token."""
+    """r_t = −β·KL_t (a2c, ppo) + α·log P_env(a_t|s_t), plus the sequence score on the last token
+    (a dialog: each turn's score on that turn's last token). Action tokens only."""
     mask = batch.action_mask
     kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
     rewards = torch.zeros_like(mask)
@@ -106,8 +109,11 @@ def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
         rewards = rewards - beta * kl_t
     if cfg.env.fluency_coef:
         rewards = rewards + cfg.env.fluency_coef * batch.ref_logprobs * mask
-    last = (batch.lengths.long() - 1).clamp(min=0)
-    rewards[torch.arange(len(batch)), last] += batch.scores
+    if batch.turn_scores is not None:  # multi-turn: the env placed each turn's score
+        rewards = rewards + batch.turn_scores
+    else:
+        last = (batch.lengths.long() - 1).clamp(min=0)
+        rewards[torch.arange(len(batch)), last] += batch.scores
     batch.rewards = rewards * mask
 
 
@@ -115,21 +121,34 @@ def add_advantages(batch: Batch, cfg: Config, beta: float) -> None:
     a = cfg.algorithm
     mask = batch.action_mask
     kind = a.advantage_kind
+    # A dialog discounts by env.turn_gamma across turns (a2c/ppo: a per-position γ over the
+    # action tokens; grpo/rloo: turn k's rewards weigh turn_gamma**k in the episode's return).
+    gamma = a.gamma
+    weights = None
+    if batch.turn_ids is not None:
+        gamma = adv_mod.turn_discounts(batch.turn_ids, mask, a.gamma, cfg.env.turn_gamma)
+        weights = cfg.env.turn_gamma ** batch.turn_ids.clamp(min=0).to(mask.dtype)
     if kind == "td":
-        batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, a.gamma)
+        batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, gamma)
     elif kind == "gae":
-        batch.advantages, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, a.gamma, a.lam)
+        batch.advantages, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, a.lam)
     else:
-        # Critic-free: one number per sequence, spread over its tokens.
-        seq = batch.rewards.sum(-1)  # score + fluency shaping (KL is added below for rloo)
+        # Critic-free: one number per sequence (a dialog: per episode), spread over its action tokens.
+        seq = batch.rewards.sum(-1) if weights is None else (batch.rewards * weights).sum(-1)
         if a.name == "rloo":
-            kl_seq = (losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask).sum(-1)
+            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
+            kl_seq = kl_tok.sum(-1) if weights is None else (kl_tok * weights).sum(-1)
             seq = seq - beta * kl_seq
             per_seq = adv_mod.leave_one_out_advantages(seq, batch.group)
         else:
             per_seq = adv_mod.group_advantages(seq, batch.group, scale=a.scale_rewards)
         batch.advantages = per_seq[:, None] * mask
-        batch.returns = batch.advantages.clone()
+        if batch.values is not None:
+            # A value head beside a critic-free update is trained for planning (mcts,
+            # best-of-n by value): regression on the Monte-Carlo return, GAE with λ = 1.
+            _, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, 1.0)
+        else:
+            batch.returns = batch.advantages.clone()
         return
     if a.whiten_advantages and mask.sum() > 1:
         batch.advantages = adv_mod.whiten(batch.advantages, mask)
@@ -160,8 +179,8 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
             loss = pl
             vl = torch.zeros(())
             vclip = torch.zeros(())
-            if out.values is not None and a.needs_value_head:
-                if a.name == "a2c":
+            if out.values is not None:
+                if a.name in ("a2c", "grpo", "rloo"):  # the article's critic loss; side critic for grpo/rloo
                     vl = losses.value_loss(out.values, mb.returns, mask)
                 else:
                     vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
@@ -219,11 +238,11 @@ class StepResult:
 class Trainer:
     """Owns the model, optimizer and state of one run; `step()` does one RL iteration."""
 
-    def __init__(self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: TextEnv | None = None):
+    def __init__(self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: TextEnv | DialogEnv | None = None):
         self.cfg = cfg
         self.model = model
         self.rows = train_rows
-        self.env = env or TextEnv(cfg, model.tokenizer)
+        self.env = env or make_env(cfg, model)
         self.opt = build_optimizer(model, cfg)
         self.sched = build_scheduler(self.opt, cfg)
         k = cfg.kl
@@ -247,6 +266,7 @@ class Trainer:
             "gen": self.gen.get_state(),
             "update_gen": self.update_gen.get_state(),
             "skipped_batches": self.skipped_batches,
+            "reward_stats": self.env.rewards.state_dict(),
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -263,6 +283,7 @@ class Trainer:
         self.gen.set_state(s["gen"])
         self.update_gen.set_state(s["update_gen"])
         self.skipped_batches = s.get("skipped_batches", 0)  # absent in checkpoints from before the option
+        self.env.rewards.load_state_dict(s.get("reward_stats", {}))
         random.setstate(s["rng"]["python"])
         np.random.set_state(s["rng"]["numpy"])
         torch.set_rng_state(s["rng"]["torch"])
@@ -277,18 +298,23 @@ class Trainer:
         idx = self.sampler.take(cfg.train.batch_size // n)
         rows = [self.rows[i] for i in idx for _ in range(n)]
         group = [g for g in range(len(idx)) for _ in range(n)]
-        states = [self.env.reset(r) for r in rows]
+        dialog = isinstance(self.env, DialogEnv)
+        info: dict = {}
         try:
-            batch, trunc = rollout(
-                self.model,
-                rows,
-                states,
-                cfg.generation,
-                max_prompt_tokens=cfg.model.max_prompt_tokens,
-                group=group,
-                prompt_field=cfg.data.prompt_field,
-                generator=self.gen,
-            )
+            if dialog:  # multi-turn: the env samples every turn, simulates the user and scores each turn
+                batch, trunc, info = self.env.rollout(self.model, rows, group, generator=self.gen, training=True)
+            else:
+                states = [self.env.reset(r) for r in rows]
+                batch, trunc = rollout(
+                    self.model,
+                    rows,
+                    states,
+                    cfg.generation,
+                    max_prompt_tokens=cfg.model.max_prompt_tokens,
+                    group=group,
+                    prompt_field=cfg.data.prompt_field,
+                    generator=self.gen,
+                )
         except RuntimeError as exc:
             # Diverged weights (finite but huge) first show here: torch.multinomial refuses
             # inf/nan probabilities. Not skippable: the weights themselves are broken.
@@ -300,10 +326,13 @@ class Trainer:
         self.truncated_prompts += trunc
         t1 = time.perf_counter()
 
-        _, scored, _ = self.env.step(rows, batch.completions, batch.ended.tolist())
-        dev = batch.action_mask.device
-        batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
-        batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
+        if dialog:
+            t1 -= info.pop("time/reward")  # the turn rewards were computed inside the rollout
+        else:
+            _, scored, _ = self.env.step(rows, batch.completions, batch.ended.tolist(), training=True)
+            dev = batch.action_mask.device
+            batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
+            batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
         t2 = time.perf_counter()
 
         batch.ref_logprobs = self.model.reference_logprobs(
@@ -356,7 +385,8 @@ class Trainer:
             "time/update": t4 - t3,
             "time/step": t4 - t0,
         }
-        if batch.values is not None and a.needs_value_head:
+        m.update(info)  # dialog: per-turn rewards, EOS rate per turn, user reply length, simulator time
+        if batch.values is not None:
             m["explained_variance"] = adv_mod.explained_variance(batch.values, batch.returns, mask)
             m["value_mean"] = float(adv_mod.masked_mean(batch.values, mask))
         if not skipped:  # a skipped batch's metrics may be NaN; they are logged as such
