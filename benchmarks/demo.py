@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--config", default="configs/story.yaml")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--name", default="demo", help="results file: benchmarks/results/NAME.json")
     a = ap.parse_args()
     cmd = [sys.executable, "-m", "dynalm", "train", "--config", a.config, "--out", a.out, "--force"]
     for s in a.set:
@@ -37,7 +38,8 @@ def main() -> None:
     keys = ["reward", "reward/relatedness", "reward/distinct2", "reward/novelty", "reward/repetition", "kl",
             "perplexity_ref", "distinct2", "mean_length", "eos_rate"]
     res = {
-        "command": " ".join(["python", "benchmarks/demo.py"] + [f"--set {s}" for s in a.set]),
+        "command": " ".join(["python", "benchmarks/demo.py"] + [f"--set {s}" for s in a.set]
+                            + ([f"--name {a.name}"] if a.name != "demo" else [])),
         "machine": machine(),
         "wall_seconds": round(wall, 1),
         "steps": len(metrics),
@@ -51,7 +53,7 @@ def main() -> None:
             for b, tr in list(zip(ev["base"]["samples"], ev["trained"]["samples"]))[:3]
         ],
     }
-    write_result("demo", res)
+    write_result(a.name, res)
     print(json.dumps({k: res[k] for k in ("wall_seconds", "steps", "median_step_seconds", "delta_reward")}, indent=2))
 
 
