@@ -39,7 +39,7 @@ def test_one_ppo_step_on_embedded_model(tmp_path):
 
     cfg = load_config(
         "configs/story.yaml",
-        ["train.steps=1", "train.batch_size=2", "generation.max_new_tokens=8", "eval.max_prompts=2",
+        ["algorithm.name=ppo", "algorithm.num_generations=1", "train.steps=1", "train.batch_size=2", "generation.max_new_tokens=8", "eval.max_prompts=2",
          "eval.batch_size=2", "log.progress=false"],
     )
     run = train(cfg, tmp_path / "run", echo=lambda s: None)
