@@ -353,3 +353,29 @@ def test_dialog_preset_trains_through_cli(algo, tiny_llama, tmp_path, capsys):
     assert [t["role"] for t in tr] == ["user", "assistant", "user", "assistant", "user"]
     assert set(tr[1]["terms"]) == terms
     assert lines[-1]["persona"] and (run / "report.md").is_file() and (run / "tokens.html").is_file()
+
+
+def test_turn_level_best_of_n_picks_the_best_lookahead(tiny_llama, dialog_rows, tmp_path):
+    """Planning in a dialog: each turn keeps the candidate whose simulated user reply scored best."""
+    from dynalm.planning.dialog import plan_dialog
+
+    rf = tmp_path / "len_reward.py"
+    rf.write_text("def reply_len(prompts, completions, **kw):\n    return [float(len(c.split())) for c in completions]\n")
+    cfg, model, env = _setup(tiny_llama, dialog_rows, rf, turns=2, rewards=[{"name": f"{rf}:reply_len"}])
+    res = plan_dialog(model, env, ROWS[:2], n=3, generator=torch.Generator().manual_seed(0))
+    assert res.reward_calls == 2 * 2 * 3  # episodes × turns × candidates
+    for ep, (cands, tr) in enumerate(zip(res.candidate_scores, res.transcripts)):
+        assert [len(c) for c in cands] == [3, 3]
+        chosen = [t for t in tr if t["role"] == "assistant"]
+        assert [t["score"] for t in chosen] == [max(c) for c in cands]
+        assert [t["score"] for t in chosen] == [float(len(t["content"].split())) for t in chosen]
+        assert res.totals[ep] == sum(max(c) for c in cands)
+        assert [t["role"] for t in tr] == ["user", "assistant", "user", "assistant", "user"]
+    # eval with the planner goes through the same path
+    from dynalm.evaluate import evaluate
+
+    cfg2 = cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"n": 2})})
+    ev = evaluate(model, ROWS, cfg2, base=False, planner="best-of-n")
+    assert ev["trained"]["planner"] == "best-of-n" and ev["trained"]["reward_calls"] == 3 * 2 * 2
+    with pytest.raises(UserError, match="planner 'mcts' is not available for dialogs"):
+        evaluate(model, ROWS, cfg2, base=False, planner="mcts")

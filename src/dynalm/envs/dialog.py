@@ -472,14 +472,18 @@ def evaluate_dialog(
     model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bool = True, trained: bool = True, planner: str | None = None
 ) -> dict:
     """evaluate.evaluate for `env.kind: dialog`: base (the reference as the assistant) and/or trained."""
-    if (planner or cfg.planner.name) != "sample":
+    name = planner or cfg.planner.name
+    if name not in ("sample", "best-of-n"):
         raise UserError(
-            f"planner '{planner or cfg.planner.name}' is not available for dialogs", "use planner 'sample' with env.kind: dialog"
+            f"planner '{name}' is not available for dialogs", "use planner 'sample' or 'best-of-n' with env.kind: dialog"
         )
     env = DialogEnv(cfg, model)
     if cfg.eval.max_prompts:
         rows = rows[: cfg.eval.max_prompts]
     out: dict = {"n_prompts": len(rows)}
+    if name == "best-of-n":  # turn-level lookahead through the user simulator (planning/dialog.py)
+        out["trained"] = _planned_side(model, env, rows, cfg)
+        return out
     if base:
         out["base"] = evaluate_dialog_side(model, env, rows, cfg, use_reference=True)
     if trained:
@@ -487,6 +491,31 @@ def evaluate_dialog(
     if base and trained:
         out["delta_reward"] = out["trained"]["reward"] - out["base"]["reward"]
     return out
+
+
+def _planned_side(model: PolicyValueModel, env: DialogEnv, rows: list[dict], cfg: Config) -> dict:
+    from ..planning.dialog import plan_dialog
+    from ..rewards import text as lex
+
+    gen = torch.Generator(device=model.device).manual_seed(cfg.eval.seed)
+    t0 = time.perf_counter()
+    res = plan_dialog(model, env, rows, cfg.planner.n, generator=gen)
+    secs = time.perf_counter() - t0
+    replies = [t["content"] for tr in res.transcripts for t in tr if t["role"] == "assistant"]
+    return {
+        "planner": "best-of-n",
+        "reward": sum(res.totals) / len(res.totals),
+        "distinct1": lex.distinct_n_corpus(replies, 1),
+        "distinct2": lex.distinct_n_corpus(replies, 2),
+        "n": len(res.totals),
+        "turns": cfg.env.turns,
+        "reward_calls": res.reward_calls,
+        "seconds_per_sample": secs / max(len(res.totals), 1),
+        "samples": [
+            {"prompt": str(r[cfg.data.prompt_field]), "completion": tr[-2]["content"] if len(tr) > 1 else "", "reward": tot, "turns": tr}
+            for r, tr, tot in zip(rows, res.transcripts, res.totals)
+        ],
+    }
 
 
 def write_transcripts(path, result: dict, n: int) -> int:
