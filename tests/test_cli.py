@@ -194,3 +194,47 @@ def test_train_rm_then_drive_a_run(tiny_llama, tmp_path, prompts_file, capsys):
     assert "reward/reward_model" in m
     assert main(["train-rm", "--data", str(pairs), "--out", str(rm), "--set", "epoch=3"]) == 2
     assert capsys.readouterr().err == "dynalm: error: unknown config key 'epoch' (did you mean 'epochs'?)\n"
+
+
+MORE_ERRORS = [
+    (["generate", "--model", "{model}", "--prompt", "x", "--temperature", "0"],
+     "dynalm: error: config key 'temperature': Input should be greater than 0, got 0.0 (fix the value in the config or with --set)"),
+    (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "-1"],
+     "dynalm: error: config key 'max_new_tokens': Input should be greater than or equal to 1, got -1 (fix the value in the config or with --set)"),
+    (["train", "-c", "{cfg}", "--set", "rewards.x.weight=2"],
+     "dynalm: error: --set rewards.x: there are 1 reward terms (use an index in range)"),
+    (["train", "-c", "{cfg}", "--set", "rewards.0.name=:fn"],
+     "dynalm: error: reward ':fn' names no module before the colon (write 'package.module:function' or 'file.py:function')"),
+    (["train", "-c", "{cfg}", "--out", "{cfg}"], "dynalm: error: --out '{cfg}' is a file (pick a folder for the run)"),
+    (["eval", "--model", "{model}", "-c", "{cfg}", "--out", "{tmp}"], "dynalm: error: --out '{tmp}' is a folder (give a file name, e.g. eval.json)"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", MORE_ERRORS)
+def test_more_user_errors(argv, expected, tiny_llama, tmp_path, prompts_file, capsys):
+    cfg = _write_cfg(tmp_path, tiny_llama, prompts_file)
+    sub = lambda s: s.replace("{cfg}", str(cfg)).replace("{tmp}", str(tmp_path)).replace("{model}", str(tiny_llama))  # noqa: E731
+    assert main([sub(a) for a in argv]) == 2
+    assert capsys.readouterr().err == sub(expected) + "\n"
+
+
+def test_user_files_in_out_are_never_deleted(tiny_llama, tmp_path, prompts_file, capsys):
+    cfg = _write_cfg(tmp_path, tiny_llama, prompts_file, eval={"enabled": False})
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    for extra in ([], ["--force"]):
+        assert main(["train", "-c", str(cfg), "--out", str(out), *extra]) == 2
+        assert capsys.readouterr().err == f"dynalm: error: '{out}' holds 'report.md' but is not a dynalm run (pick an empty or new --out folder)\n"
+    assert (out / "report.md").read_text() == "my notes"
+
+
+def test_run_model_cannot_be_changed_by_set(tiny_llama, tmp_path, prompts_file, capsys):
+    cfg = _write_cfg(tmp_path, tiny_llama, prompts_file, eval={"enabled": False})
+    run = tmp_path / "run"
+    assert main(["train", "-c", str(cfg), "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--set", "model.lora.r=8"]) == 2
+    assert capsys.readouterr().err == (
+        f"dynalm: error: --set model.* cannot change the model of a trained run (evaluate another model with --model, e.g. --model {run}/export)\n"
+    )

@@ -61,3 +61,13 @@ def test_kl_estimators():
     assert L.kl_penalty(ref, ref, "k3").item() == 0.0
     with pytest.raises(ValueError):
         L.kl_penalty(logp, ref, "k9")
+
+
+def test_k3_is_finite_where_masked():
+    """A masked position far from the reference must not turn into inf·0 = nan."""
+    logp = torch.tensor([[-1.0, -100.0]])
+    ref = torch.tensor([[-1.5, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    k3 = L.kl_penalty(logp, ref, "k3", mask)
+    assert torch.isfinite(k3).all() and k3[0, 1] == 0.0
+    assert k3[0, 0].item() == pytest.approx(math.expm1(-0.5) + 0.5)

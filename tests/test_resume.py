@@ -33,3 +33,14 @@ def test_resume_matches_uninterrupted(tiny_llama, prompts_file, tmp_path):
     train(None, resume=part, echo=msgs.append)
     assert msgs[0].startswith(f"resuming {part} from step-000002 (step 2)")
     assert _metrics(part) == _metrics(full)
+
+
+def test_resume_follows_an_edited_learning_rate(tiny_llama, prompts_file, tmp_path):
+    """After a NaN stop the advice is: lower train.learning_rate in config.yaml and resume."""
+    base = tiny_overrides(tiny_llama, prompts_file, eval={"enabled": False}, log={"checkpoint_every": 1})
+    run = train(build_config({**base, "train": {**base["train"], "steps": 2}}), tmp_path / "r", echo=lambda s: None)
+    text = (run / "config.yaml").read_text().replace("steps: 2", "steps: 3").replace("learning_rate: 0.01", "learning_rate: 0.001")
+    (run / "config.yaml").write_text(text)
+    train(None, resume=run, echo=lambda s: None)
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [0.01, 0.01, 0.001]

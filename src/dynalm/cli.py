@@ -117,13 +117,15 @@ def cmd_generate(args) -> int:
     if args.n < 1:
         raise UserError("-n must be at least 1", "pass -n 1 or more")
     cfg, model = _model_and_cfg(args)
-    gen_cfg = cfg.generation.model_copy(
-        update={
-            k: v
-            for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}.items()
-            if v is not None
-        }
-    )
+    from pydantic import ValidationError
+
+    from .config import GenerationConfig, _format_validation_error
+
+    upd = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}.items() if v is not None}
+    try:  # validated like the config: --temperature 0 or --max-new-tokens -1 are user mistakes
+        gen_cfg = GenerationConfig.model_validate({**cfg.generation.model_dump(), **upd})
+    except ValidationError as err:
+        raise _format_validation_error(err, GenerationConfig) from None
     if args.raw:  # the prompt exactly as given: no task template, no chat template
         cfg = cfg.model_copy(
             update={
@@ -151,6 +153,8 @@ def cmd_eval(args) -> int:
     from .report import finalize_report
     from .run import eval_rows
 
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out '{args.out}' is a folder", "give a file name, e.g. eval.json")
     cfg, model = _model_and_cfg(args)
     rows = eval_rows(cfg)
     if rows is None:

@@ -25,7 +25,6 @@ class LoraConfig(_Section):
     enabled: bool = Field(True, description="Train a LoRA adapter (reference policy = adapter off) instead of all weights.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str | None = Field(
         None, description="Module names to adapt; null picks the attention projections of the architecture."
     )
@@ -346,7 +345,7 @@ def deep_merge(base: dict, over: dict) -> dict:
             # --set rewards.0.weight=2 addresses list items by index
             items = list(out[k])
             for idx, sub in v.items():
-                i = int(idx)
+                i = int(idx) if str(idx).lstrip("-").isdigit() else -1
                 if not 0 <= i < len(items):
                     raise UserError(f"--set rewards.{idx}: there are {len(items)} reward terms", "use an index in range")
                 items[i] = deep_merge(items[i], sub) if isinstance(sub, dict) else sub

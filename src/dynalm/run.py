@@ -93,8 +93,18 @@ def set_threads(cfg: Config) -> None:
     torch.set_num_threads(n)
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
+             "curves.png", "tokens.html", "transcripts.jsonl", ".config.yaml.tmp", "config.yaml")
+
+
 def check_run_dir(out: Path, *, force: bool) -> None:
-    """Refuse an --out that holds a run, unless forced; changes nothing on disk."""
+    """Refuse an --out that holds a run (unless forced) or files a run would overwrite; changes nothing."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file", "pick a folder for the run")
+    if out.exists() and not (out / "config.yaml").exists():
+        clash = [m for m in RUN_FILES if (out / m).exists()]
+        if clash:  # not a run of ours: never delete a user's files, even with --force
+            raise UserError(f"'{out}' holds '{clash[0]}' but is not a dynalm run", "pick an empty or new --out folder")
     if out.exists() and any((out / m).exists() for m in RUN_MARKERS) and not force:
         raise UserError(
             f"'{out}' already holds a run", "pick another --out, resume it with --resume, or pass --force to overwrite"
@@ -103,11 +113,10 @@ def check_run_dir(out: Path, *, force: bool) -> None:
 
 def prepare_run_dir(out: Path, *, force: bool) -> None:
     check_run_dir(out, force=force)
-    if out.exists():
+    if out.exists() and force and (out / "config.yaml").exists():
         # config.yaml goes last: a --force killed midway leaves a folder that is still a
         # run (refused without --force) rather than a half-deleted one that looks empty.
-        for m in ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
-                  "curves.png", "transcripts.jsonl", ".config.yaml.tmp", "config.yaml"):
+        for m in RUN_FILES:
             p = out / m
             if p.is_dir():
                 shutil.rmtree(p)
@@ -346,7 +355,7 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is not None:
             weights, state = load_checkpoint(ckpt, map_location=model.device)
-            model.load_trainable_state_dict(weights)
+            load_weights(model, weights, ckpt)
             trainer.load_state_dict(state)
             echo(f"resuming {run_dir} from {ckpt.name} (step {trainer.step_idx})")
         else:
@@ -445,6 +454,17 @@ def export_model(model: PolicyValueModel, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def load_weights(model: PolicyValueModel, weights: dict, ckpt: Path) -> None:
+    """Trained weights into the model built from config.yaml; a mismatch means the file was edited."""
+    try:
+        model.load_trainable_state_dict(weights)
+    except (ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(
+            f"checkpoint {ckpt} does not fit the model in config.yaml ({first})", "restore the run's original model settings"
+        ) from None
+
+
 def load_run(run_dir: str | Path, cfg_overrides: dict | None = None) -> tuple[Config, PolicyValueModel]:
     """The run's config and its policy with the latest trained weights."""
     from .config import deep_merge
@@ -452,12 +472,16 @@ def load_run(run_dir: str | Path, cfg_overrides: dict | None = None) -> tuple[Co
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)", "pass the folder printed by `dynalm train`")
+    if "model" in (cfg_overrides or {}):
+        raise UserError(
+            "--set model.* cannot change the model of a trained run", f"evaluate another model with --model, e.g. --model {run_dir}/export"
+        )
     cfg = build_config(deep_merge(read_yaml(run_dir / "config.yaml"), cfg_overrides or {}))
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise UserError(f"run '{run_dir}' has no checkpoint yet", "train it first or resume it")
     model = PolicyValueModel.from_config(cfg)
     weights, _ = load_checkpoint(ckpt, map_location=model.device)
-    model.load_trainable_state_dict(weights)
+    load_weights(model, weights, ckpt)
     model.eval()
     return cfg, model

@@ -103,7 +103,7 @@ class PolicyValueModel(nn.Module):
             lcfg = LoraConfig(
                 r=mcfg.lora.r,
                 lora_alpha=mcfg.lora.alpha,
-                lora_dropout=mcfg.lora.dropout,
+                lora_dropout=0.0,  # no dropout: rollout and update log-probs must agree
                 target_modules=lora_targets(lm.config.model_type, mcfg.lora.target_modules),
                 bias="none",
                 task_type="CAUSAL_LM",
@@ -167,6 +167,8 @@ class PolicyValueModel(nn.Module):
                 use_cache=False,
                 logits_to_keep=n_actions + 1,
             )
+        if out.logits.shape[1] != n_actions + 1:  # a model that ignores logits_to_keep would misalign silently
+            raise RuntimeError(f"{type(lm).__name__} ignored logits_to_keep ({out.logits.shape[1]} positions, wanted {n_actions + 1})")
         # logits at position p predict token p+1: the last n_actions+1 positions minus the final one
         logits = out.logits[:, :-1].float() / temperature
         actions = input_ids[:, -n_actions:]

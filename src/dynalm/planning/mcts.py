@@ -80,7 +80,7 @@ class TokenMCTS:
             raise UserError("planner 'mcts' needs a value head to score leaves", "set model.value_head: true")
         self.model, self.env, self.row, self.gen, self.cfg = model, env, row, gen, cfg
         self.rng = rng if rng is not None else random.Random(cfg.seed)
-        self.stops = stop_ids(model.tokenizer) if gen.stop_at_eos else set()
+        self.stops = stop_ids(model.tokenizer, getattr(model.lm, "generation_config", None)) if gen.stop_at_eos else set()
         self.use_kl = cfg.kl_coef > 0
         self.forward_passes = 0
         self.reward_calls = 0

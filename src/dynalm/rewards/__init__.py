@@ -89,10 +89,12 @@ def resolve(name: str) -> RewardFn:
         target, _, fn_name = name.rpartition(":")
         if target.endswith(".py") or "/" in target or "\\" in target:
             return _load_file_function(name)
+        if not target:
+            raise UserError(f"reward '{name}' names no module before the colon", "write 'package.module:function' or 'file.py:function'")
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UserError(f"reward module '{target}' cannot be imported: {exc}", "check the module path") from None
+        except Exception as exc:  # ImportError, or the user's module failing as it imports
+            raise UserError(f"reward module '{target}' cannot be imported: {type(exc).__name__}: {exc}", "check the module path") from None
         fn = getattr(module, fn_name, None)
         if not callable(fn):
             raise UserError(f"module '{target}' has no function '{fn_name}'", "check the name after the colon")

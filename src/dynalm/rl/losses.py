@@ -10,13 +10,17 @@ import torch
 from .advantages import masked_mean
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token estimate of KL(π‖π_ref) from samples of π (Schulman, "Approximating KL divergence", 2020).
 
     k1 = log π − log π_ref (unbiased, can be negative);
     k3 = (r − 1) − log r with r = π_ref/π (unbiased, always ≥ 0, lower variance).
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:  # zero the masked positions *before* expm1: exp of a huge gap is inf, and inf·0 = nan
+        log_ratio = torch.where(mask > 0, log_ratio, torch.zeros_like(log_ratio))
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":

@@ -68,10 +68,16 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def stop_ids(tokenizer) -> set[int]:
+def stop_ids(tokenizer, generation_config=None) -> set[int]:
+    """The tokenizer's EOS plus the model's generation_config EOS ids (chat models often list
+    their end-of-turn token there)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    extra = getattr(generation_config, "eos_token_id", None)
+    for t in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if t is not None and 0 <= int(t) < len(tokenizer):
+            ids.add(int(t))
     return ids
 
 
@@ -93,7 +99,11 @@ def sample(
     B, P = prompt_ids.shape
     T = gen.max_new_tokens
     device = prompt_ids.device
-    stops = torch.tensor(sorted(stop_ids(model.tokenizer)), dtype=torch.long, device=device) if gen.stop_at_eos else None
+    stops = (
+        torch.tensor(sorted(stop_ids(model.tokenizer, getattr(model.lm, "generation_config", None))), dtype=torch.long, device=device)
+        if gen.stop_at_eos
+        else None
+    )
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
     ids = torch.full((B, P + T), pad, dtype=torch.long, device=device)

@@ -103,7 +103,7 @@ def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
     """r_t = −β·KL_t (a2c, ppo) + α·log P_env(a_t|s_t), plus the sequence score on the last token
     (a dialog: each turn's score on that turn's last token). Action tokens only."""
     mask = batch.action_mask
-    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
+    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
     rewards = torch.zeros_like(mask)
     if cfg.algorithm.name in ("a2c", "ppo"):
         rewards = rewards - beta * kl_t
@@ -136,7 +136,7 @@ def add_advantages(batch: Batch, cfg: Config, beta: float) -> None:
         # Critic-free: one number per sequence (a dialog: per episode), spread over its action tokens.
         seq = batch.rewards.sum(-1) if weights is None else (batch.rewards * weights).sum(-1)
         if a.name == "rloo":
-            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
+            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
             kl_seq = kl_tok.sum(-1) if weights is None else (kl_tok * weights).sum(-1)
             seq = seq - beta * kl_seq
             per_seq = adv_mod.leave_one_out_advantages(seq, batch.group)
@@ -190,7 +190,7 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
                 loss = loss - a.ent_coef * ent
             kl_loss = torch.zeros(())
             if a.name == "grpo" and beta:
-                kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3"), mask)
+                kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3", mask), mask)
                 loss = loss + beta * kl_loss
             if _nonfinite(loss):
                 parts = {"policy_loss": pl, "value_loss": vl, "entropy": ent, "kl_loss": kl_loss}
@@ -287,6 +287,20 @@ class Trainer:
         random.setstate(s["rng"]["python"])
         np.random.set_state(s["rng"]["numpy"])
         torch.set_rng_state(s["rng"]["torch"])
+        self._apply_config_rates()
+
+    def _apply_config_rates(self) -> None:
+        """A resumed run follows its (possibly edited) config.yaml for learning rates and the
+        KL controller's target — e.g. a lower train.learning_rate after a NaN stop."""
+        t = self.cfg.train
+        bases = [t.learning_rate, t.value_learning_rate or t.learning_rate][: len(self.opt.param_groups)]
+        self.sched.base_lrs = bases
+        for g, base, lam in zip(self.opt.param_groups, bases, self.sched.lr_lambdas):
+            g["initial_lr"] = base
+            g["lr"] = base * lam(self.sched.last_epoch)
+        k = self.cfg.kl
+        self.kl_ctl.target = k.target if k.adaptive else None
+        self.kl_ctl.horizon = k.horizon
 
     # -------------------------------------------------------------- one iteration
     def step(self) -> StepResult:
