@@ -125,3 +125,21 @@ def test_critic_free_side_value_head_learns_monte_carlo_return(tiny_llama, promp
     assert torch.allclose(b.returns, expect, atol=1e-6)
     assert not torch.equal(before, model.value_head.weight)
     assert res.metrics["value_loss"] > 0 and "explained_variance" in res.metrics
+
+
+def test_side_value_head_leaves_the_policy_update_unchanged(tiny_llama, prompts_file):
+    """grpo with a (detached) side critic trains the policy exactly as grpo without one."""
+    from dynalm.data import read_rows
+
+    out = []
+    for head in (False, True):
+        cfg, model = _model(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2},
+                            model={"value_head": head}, rewards=[{"name": "length"}])
+        trainer = Trainer(cfg, model, read_rows(str(prompts_file)))
+        ms = [trainer.step().metrics for _ in range(2)]
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        out.append((ms, lora))
+    (m0, w0), (m1, w1) = out
+    assert [m["reward"] for m in m0] == [m["reward"] for m in m1]
+    assert [m["kl"] for m in m0] == [m["kl"] for m in m1]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)

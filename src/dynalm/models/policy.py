@@ -71,6 +71,9 @@ class PolicyValueModel(nn.Module):
         self.tokenizer = tokenizer
         self.lora = lora
         self.ref_lm = ref_lm
+        # A side critic (beside grpo/rloo) reads the trunk's features without moving them,
+        # so the policy trains exactly as it would without a value head.
+        self.value_detached = False
         hidden = lm.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
         if self.value_head is not None:
@@ -83,7 +86,9 @@ class PolicyValueModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | None = None) -> "PolicyValueModel":
-        return cls.build(cfg.model, value_head=cfg.use_value_head, device=device)
+        model = cls.build(cfg.model, value_head=cfg.use_value_head, device=device)
+        model.value_detached = not cfg.algorithm.needs_value_head
+        return model
 
     @classmethod
     def build(
@@ -180,7 +185,7 @@ class PolicyValueModel(nn.Module):
         values = None
         if want_values:
             h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
-            values = self.value_head(h).squeeze(-1)
+            values = self.value_head(h.detach() if self.value_detached else h).squeeze(-1)
         return ForwardOut(logprobs, values, entropy)
 
     def forward(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0, entropy: bool = True) -> ForwardOut:

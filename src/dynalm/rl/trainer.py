@@ -198,12 +198,19 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
                 raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for g in opt.param_groups for p in g["params"]]
-            if a.max_grad_norm is not None:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-            else:
-                gnorm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None))
-            if _nonfinite(gnorm):
+            # A shared critic is clipped with the policy (one loss, one trunk); a detached side
+            # critic on its own, so the policy's update is exactly the critic-free one.
+            groups = [model.policy_parameters(), model.value_parameters()] if model.value_detached else [
+                [p for g in opt.param_groups for p in g["params"]]
+            ]
+            norms = []
+            for params in groups:
+                if a.max_grad_norm is not None:
+                    norms.append(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
+                else:
+                    norms.append(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+            gnorm = norms[0]
+            if any(_nonfinite(n) for n in norms):
                 # checked before opt.step: the weights never see a non-finite gradient
                 raise NonFiniteError(f"non-finite gradient at step {step} (grad_norm={float(gnorm)})")
             opt.step()
