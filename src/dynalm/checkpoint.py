@@ -26,15 +26,20 @@ from safetensors.torch import load_file, save_file
 CRASH_ENV = "DYNALM_CRASH_IN_CHECKPOINT"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a folder's (or file's) metadata to disk; best effort where the OS cannot."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
+
+
 
 
 def _fsync_file(path: Path) -> None:
@@ -53,7 +58,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
@@ -68,11 +73,11 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         _fsync_file(f)
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_path(ckpt_root)
     write_text_atomic(ckpt_root / "latest", final.name + "\n")
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -56,14 +56,19 @@ def token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: in
         ret = batch.rewards.sum(-1)
         adv = (ret - ret.mean())[:, None] * amask
     kl = (logp - batch.ref_logprobs) * amask
+    return table_rows(model.tokenizer, batch, adv, kl, amask.sum(-1).long().tolist())
+
+
+def table_rows(tokenizer, batch, adv: torch.Tensor, kl: torch.Tensor, lengths: list[int]) -> list[dict]:
+    """One entry per row: its first `lengths[i]` generated tokens with their advantage, KL and reward."""
+    T = batch.n_actions
     out = []
-    for i in range(len(rows)):
-        n = int(amask[i].sum())
-        toks = ids[i, -T:][:n].tolist()
+    for i, n in enumerate(lengths):
+        toks = batch.input_ids[i, -T:][:n].tolist()
         out.append(
             {
                 "prompt": batch.prompts[i],
-                "tokens": [model.tokenizer.decode([t]) for t in toks],
+                "tokens": [tokenizer.decode([t]) for t in toks],
                 "advantage": adv[i, :n].tolist(),
                 "kl": kl[i, :n].tolist(),
                 "reward": batch.rewards[i, :n].tolist(),

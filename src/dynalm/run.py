@@ -102,7 +102,8 @@ def check_run_dir(out: Path, *, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file", "pick a folder for the run")
     if out.exists() and not (out / "config.yaml").exists():
-        clash = [m for m in RUN_FILES if (out / m).exists()]
+        # (a lone .config.yaml.tmp is ours: what a kill before config.yaml leaves behind)
+        clash = [m for m in RUN_FILES if m != ".config.yaml.tmp" and (out / m).exists()]
         if clash:  # not a run of ours: never delete a user's files, even with --force
             raise UserError(f"'{out}' holds '{clash[0]}' but is not a dynalm run", "pick an empty or new --out folder")
     if out.exists() and any((out / m).exists() for m in RUN_MARKERS) and not force:

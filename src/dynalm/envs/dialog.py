@@ -560,18 +560,6 @@ def dialog_token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, s
         ret = (batch.rewards * cfg.env.turn_gamma ** batch.turn_ids.clamp(min=0).float()).sum(-1)
         adv = (ret - ret.mean())[:, None] * m
     kl = (batch.logprobs - batch.ref_logprobs) * m
-    out = []
-    for i in range(len(rows)):
-        n = int(batch.attention_mask[i, -T:].sum())
-        toks = batch.input_ids[i, -T:][:n].tolist()
-        out.append(
-            {
-                "prompt": batch.prompts[i],
-                "tokens": [model.tokenizer.decode([t]) for t in toks],
-                "advantage": adv[i, :n].tolist(),
-                "kl": kl[i, :n].tolist(),
-                "reward": batch.rewards[i, :n].tolist(),
-                "score": float(batch.scores[i]),
-            }
-        )
-    return out
+    from ..interpret import table_rows
+
+    return table_rows(model.tokenizer, batch, adv, kl, batch.attention_mask[:, -T:].sum(-1).long().tolist())

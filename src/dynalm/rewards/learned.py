@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from ..checkpoint import fsync_path
 from ..errors import UserError
 
 WEIGHTS_FILE = "reward_model.safetensors"
@@ -447,19 +448,6 @@ def evaluate_reward_model(model: RewardModel, kind: str, rows: list[dict], batch
     return {"pearson": pearson(pred, target), "mse": mse}
 
 
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_reward_model(model: RewardModel, out_dir: Path | str, metrics: dict | None = None) -> Path:
     """Write the trainable weights and the json atomically.
 
@@ -481,16 +469,16 @@ def save_reward_model(model: RewardModel, out_dir: Path | str, metrics: dict | N
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         for f in (WEIGHTS_FILE, META_FILE):
-            _fsync_path(tmp / f)
-        _fsync_path(tmp)
+            fsync_path(tmp / f)
+        fsync_path(tmp)
         if not out_dir.exists():
             os.replace(tmp, out_dir)
         else:
             for f in (WEIGHTS_FILE, META_FILE):
                 os.replace(tmp / f, out_dir / f)
-            _fsync_path(out_dir)
+            fsync_path(out_dir)
             tmp.rmdir()
-        _fsync_path(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
