@@ -30,12 +30,7 @@ def read_rows(spec: str, prompt_field: str = "prompt", split: str = "train") -> 
     path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec)
     if not path.is_file():
         raise UserError(f"data file '{spec}' not found", "check the path in data.train / data.eval")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: spreadsheets often write a byte-order mark
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{spec}: line {line} is not UTF-8 text", "save the file as UTF-8") from None
+    text = read_text(spec, path)
     rows = _read_csv(spec, text, prompt_field) if path.suffix.lower() == ".csv" else _read_jsonl(spec, text, prompt_field)
     if not rows:
         raise UserError(f"data set '{spec}' is empty", "give at least one row")
@@ -99,8 +94,18 @@ def _read_csv(spec: str, text: str, prompt_field: str) -> list[dict]:
     return rows
 
 
-def _read_jsonl(spec: str, text: str, prompt_field: str) -> list[dict]:
-    rows: list[dict] = []
+def read_text(spec: str, path: Path) -> str:
+    """A data file's text; a byte that is not UTF-8 is a UserError naming its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: spreadsheets often write a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{spec}: line {line} is not UTF-8 text", "save the file as UTF-8") from None
+
+
+def jsonl_objects(spec: str, text: str):
+    """Yield (line number, object) for each non-blank JSONL line; anything else is a UserError."""
     # universal newlines, as a file opened in text mode: split on \n, \r and \r\n only
     for i, line in enumerate(io.StringIO(text, newline=None), start=1):
         if not line.strip():
@@ -113,6 +118,12 @@ def _read_jsonl(spec: str, text: str, prompt_field: str) -> list[dict]:
             raise UserError(f"{spec}: line {i} is not valid JSON (nested too deeply)", "fix that line") from None
         if not isinstance(row, dict):
             raise UserError(f"{spec}: line {i} is not a JSON object", "write one {...} per line")
+        yield i, row
+
+
+def _read_jsonl(spec: str, text: str, prompt_field: str) -> list[dict]:
+    rows: list[dict] = []
+    for i, row in jsonl_objects(spec, text):
         _check_row(spec, i, row, prompt_field)
         rows.append(row)
     return rows

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..checkpoint import fsync_path
+from ..data import jsonl_objects, read_text
 from ..errors import UserError
 
 WEIGHTS_FILE = "reward_model.safetensors"
@@ -357,29 +358,17 @@ def read_reward_rows(spec: str) -> tuple[str, list[dict]]:
     kind: str | None = None
     first_line = 0
     rows: list[dict] = []
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{spec}: line {i} is not valid JSON ({exc.msg})", "fix that line") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{spec}: line {i} is not a JSON object", "write one {...} per line")
-                if kind is None:
-                    kind = _row_kind(row)
-                    first_line = i
-                    if kind is None:
-                        raise UserError(
-                            f"{spec}: line {i} is neither a rated completion nor a preference pair",
-                            "give {prompt, completion, reward} or {prompt, chosen, rejected} rows",
-                        )
-                _check_reward_row(spec, i, row, kind, first_line)
-                rows.append(row)
-    except UnicodeDecodeError:
-        raise UserError(f"{spec}: not UTF-8 text", "save the file as UTF-8") from None
+    for i, row in jsonl_objects(spec, read_text(spec, path)):  # the data readers' own JSONL checks
+        if kind is None:
+            kind = _row_kind(row)
+            first_line = i
+            if kind is None:
+                raise UserError(
+                    f"{spec}: line {i} is neither a rated completion nor a preference pair",
+                    "give {prompt, completion, reward} or {prompt, chosen, rejected} rows",
+                )
+        _check_reward_row(spec, i, row, kind, first_line)
+        rows.append(row)
     if not rows:
         raise UserError(f"reward data file '{spec}' is empty", "give at least one row")
     return kind, rows
