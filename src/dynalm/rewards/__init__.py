@@ -131,6 +131,9 @@ class RewardSet:
             raise UserError(f"two reward terms are named '{sorted(dup)[0]}'", "give one of them an alias")
         # running [count, mean, M2] per normalised term (Welford), part of the checkpoint
         self.stats: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n, _, t in self.terms if t.normalize}
+        # data-parallel: values of every process in global order, so the statistics are the
+        # whole batch's and the same on every process (set by the Trainer; None = this process only)
+        self.gather = None
 
     def state_dict(self) -> dict:
         return {k: list(v) for k, v in self.stats.items()}
@@ -145,7 +148,7 @@ class RewardSet:
         if term.normalize:
             st = self.stats[name]
             if update:
-                for v in vals:  # Welford's online update
+                for v in self.gather(vals) if self.gather is not None else vals:  # Welford's online update
                     st[0] += 1
                     d = v - st[1]
                     st[1] += d / st[0]

@@ -29,10 +29,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1) if n > 1 else var  # unbiased, as numpy's ddof=1
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise over the valid tokens; padding stays 0."""
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, moments: tuple | None = None
+) -> torch.Tensor:
+    """Normalise over the valid tokens; padding stays 0. `moments` = (mean, unbiased var)
+    computed elsewhere, e.g. over every process's tokens in a data-parallel run."""
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
+    out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return out * mask

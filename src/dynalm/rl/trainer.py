@@ -4,6 +4,10 @@ Reads top to bottom, one step at a time. Each stage adds fields to the Batch; no
 back into an earlier one. With `env.kind: dialog` the rollout and scoring stages are the
 DialogEnv's multi-turn rollout (envs/dialog.py); the later stages are shared, acting on the
 assistant's tokens only (the action mask).
+
+With a `Dist` (several processes, see distributed.py) each process rolls out its share of
+the step's prompts and the stages that look across the batch (whitening, the update, the
+KL controller, metrics) use every process's rows; without one, nothing here communicates.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
 from ..envs import DialogEnv, TextEnv, make_env
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
@@ -117,7 +122,7 @@ def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
     batch.rewards = rewards * mask
 
 
-def add_advantages(batch: Batch, cfg: Config, beta: float) -> None:
+def add_advantages(batch: Batch, cfg: Config, beta: float, dist: Dist | None = None) -> None:
     a = cfg.algorithm
     mask = batch.action_mask
     kind = a.advantage_kind
@@ -150,16 +155,74 @@ def add_advantages(batch: Batch, cfg: Config, beta: float) -> None:
         else:
             batch.returns = batch.advantages.clone()
         return
+    if dist is not None:  # whiten with the whole batch's mean and variance
+        if a.whiten_advantages and float(dist.sum([float(mask.sum())])[0]) > 1:
+            moments = (global_masked_mean(batch.advantages, mask, dist), global_masked_var(batch.advantages, mask, dist))
+            batch.advantages = adv_mod.whiten(batch.advantages, mask, moments=moments)
+        return
     if a.whiten_advantages and mask.sum() > 1:
         batch.advantages = adv_mod.whiten(batch.advantages, mask)
 
 
-def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int) -> dict:
-    """The algorithm's gradient steps on one batch; returns averaged diagnostics."""
+def _minibatch_loss(model: PolicyValueModel, mb: Batch, cfg: Config, beta: float, T: int) -> tuple[torch.Tensor, dict]:
+    """The loss of one minibatch and its parts; every part is a masked mean over mb's action tokens."""
+    a = cfg.algorithm
+    mask = mb.action_mask
+    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=cfg.generation.temperature)
+    if a.name == "a2c":
+        pl = losses.a2c_policy_loss(out.logprobs, mb.advantages, mask)
+        with torch.no_grad():
+            _, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
+    else:
+        pl, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
+    loss = pl
+    vl = torch.zeros(())
+    vclip = torch.zeros(())
+    if out.values is not None:
+        if a.name in ("a2c", "grpo", "rloo"):  # the article's critic loss; side critic for grpo/rloo
+            vl = losses.value_loss(out.values, mb.returns, mask)
+        else:
+            vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
+        loss = loss + a.vf_coef * vl
+    ent = losses.entropy_bonus(out.entropy, mask)
+    if a.ent_coef:
+        loss = loss - a.ent_coef * ent
+    kl_loss = torch.zeros(())
+    if a.name == "grpo" and beta:
+        kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3", mask), mask)
+        loss = loss + beta * kl_loss
+    parts = {
+        "policy_loss": pl,
+        "value_loss": vl,
+        "value_clipfrac": vclip,
+        "entropy": ent,
+        "approx_kl": st["approx_kl"],
+        "clipfrac": st["clipfrac"],
+        "kl_loss": kl_loss,
+    }
+    return loss, parts
+
+
+# The loss parts reduced over processes (with the loss itself, last).
+_PARTS = ("policy_loss", "value_loss", "value_clipfrac", "entropy", "approx_kl", "clipfrac", "kl_loss")
+
+
+def update(
+    model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int,
+    dist: Dist | None = None,
+) -> dict:
+    """The algorithm's gradient steps on one batch; returns averaged diagnostics.
+
+    With `dist`, `batch` is this process's equal share (rows rank·b … rank·b + b − 1 of the
+    global batch) and the steps are those of one process on the global batch: the same
+    minibatches (permutation drawn over the global rows), each process's loss scaled by its
+    share of the minibatch's tokens, gradients summed over processes before clipping.
+    """
+    if dist is not None:
+        return _update_dist(model, opt, batch, cfg, beta, gen, step, dist)
     a = cfg.algorithm
     B, T = batch.action_mask.shape
     mbs = a.minibatch_size or B
-    temp = cfg.generation.temperature
     model.train()
     sums: dict[str, float] = {}
     count = 0
@@ -168,65 +231,95 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
         perm = torch.randperm(B, generator=gen).to(batch.input_ids.device) if a.epochs > 1 or mbs < B else torch.arange(B)
         for start in range(0, B, mbs):
             mb = batch.rows(perm[start : start + mbs])
-            mask = mb.action_mask
-            out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=temp)
-            if a.name == "a2c":
-                pl = losses.a2c_policy_loss(out.logprobs, mb.advantages, mask)
-                with torch.no_grad():
-                    _, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
-            else:
-                pl, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
-            loss = pl
-            vl = torch.zeros(())
-            vclip = torch.zeros(())
-            if out.values is not None:
-                if a.name in ("a2c", "grpo", "rloo"):  # the article's critic loss; side critic for grpo/rloo
-                    vl = losses.value_loss(out.values, mb.returns, mask)
-                else:
-                    vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
-                loss = loss + a.vf_coef * vl
-            ent = losses.entropy_bonus(out.entropy, mask)
-            if a.ent_coef:
-                loss = loss - a.ent_coef * ent
-            kl_loss = torch.zeros(())
-            if a.name == "grpo" and beta:
-                kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3", mask), mask)
-                loss = loss + beta * kl_loss
+            loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
             if _nonfinite(loss):
-                parts = {"policy_loss": pl, "value_loss": vl, "entropy": ent, "kl_loss": kl_loss}
-                bad = ", ".join(f"{k}={float(v)}" for k, v in parts.items() if _nonfinite(v.detach()))
+                bad = ", ".join(
+                    f"{k}={float(parts[k])}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if _nonfinite(parts[k].detach())
+                )
                 raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            # A shared critic is clipped with the policy (one loss, one trunk); a detached side
-            # critic on its own, so the policy's update is exactly the critic-free one.
-            groups = [model.policy_parameters(), model.value_parameters()] if model.value_detached else [
-                [p for g in opt.param_groups for p in g["params"]]
-            ]
-            norms = []
-            for params in groups:
-                if a.max_grad_norm is not None:
-                    norms.append(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
-                else:
-                    norms.append(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
-            gnorm = norms[0]
-            if any(_nonfinite(n) for n in norms):
-                # checked before opt.step: the weights never see a non-finite gradient
-                raise NonFiniteError(f"non-finite gradient at step {step} (grad_norm={float(gnorm)})")
-            opt.step()
-            for k, v in {
-                "policy_loss": pl,
-                "value_loss": vl,
-                "value_clipfrac": vclip,
-                "entropy": ent,
-                "approx_kl": st["approx_kl"],
-                "clipfrac": st["clipfrac"],
-                "grad_norm": gnorm,
-                "kl_loss": kl_loss,
-            }.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+            gnorm = _clip_and_step(model, opt, cfg, step)
+            for k in (*_PARTS[:6], "grad_norm", "kl_loss"):
+                v = gnorm if k == "grad_norm" else parts[k]
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
-            if a.target_kl is not None and float(st["approx_kl"]) > a.target_kl:
+            if a.target_kl is not None and float(parts["approx_kl"]) > a.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    out = {k: v / count for k, v in sums.items()}
+    out["update_passes"] = count
+    return out
+
+
+def _clip_and_step(model: PolicyValueModel, opt, cfg: Config, step: int) -> torch.Tensor:
+    """Clip the gradients, check them, take the optimizer step; returns the policy's grad norm.
+
+    A shared critic is clipped with the policy (one loss, one trunk); a detached side
+    critic on its own, so the policy's update is exactly the critic-free one.
+    """
+    a = cfg.algorithm
+    groups = [model.policy_parameters(), model.value_parameters()] if model.value_detached else [
+        [p for g in opt.param_groups for p in g["params"]]
+    ]
+    norms = []
+    for params in groups:
+        if a.max_grad_norm is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
+        else:
+            norms.append(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+    gnorm = norms[0]
+    if any(_nonfinite(n) for n in norms):
+        # checked before opt.step: the weights never see a non-finite gradient
+        raise NonFiniteError(f"non-finite gradient at step {step} (grad_norm={float(gnorm)})")
+    opt.step()
+    return gnorm
+
+
+def _update_dist(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int, dist: Dist) -> dict:
+    """`update` over processes; see its docstring and distributed.py."""
+    a = cfg.algorithm
+    b, T = batch.action_mask.shape
+    offset, B = dist.rank * b, b * dist.world_size
+    mbs = a.minibatch_size or B
+    dev = batch.action_mask.device
+    params = [p for g in opt.param_groups for p in g["params"]]
+    model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    stop = False
+    for _epoch in range(a.epochs):
+        perm = torch.randperm(B, generator=gen) if a.epochs > 1 or mbs < B else torch.arange(B)
+        for start in range(0, B, mbs):
+            ids = perm[start : start + mbs]
+            ids = ids[(ids >= offset) & (ids < offset + b)] - offset  # the rows of this minibatch held here
+            opt.zero_grad(set_to_none=True)
+            if len(ids):
+                mb = batch.rows(ids.to(dev))
+                loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
+                n_local = mb.action_mask.sum()
+            else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
+                loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
+            # Σ over processes of (local mean × local tokens) / global tokens = the global token mean.
+            n64 = n_local.detach().to(dev, torch.float64).reshape(1)
+            means = torch.stack([parts[k].detach().to(dev, torch.float64) for k in _PARTS] + [loss.detach().to(dev, torch.float64)])
+            tot = dist.sum(torch.cat([n64, means * n64]))  # one all-reduce for the token count and every part
+            n_global = max(float(tot[0]), 1.0)
+            glob = {k: float(v) / n_global for k, v in zip(_PARTS + ("loss",), tot[1:].tolist())}
+            if not math.isfinite(glob["loss"]):
+                bad = ", ".join(f"{k}={glob[k]}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if not math.isfinite(glob[k]))
+                raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
+            if len(ids):
+                (loss * (float(n_local) / n_global)).backward()
+            dist.sync_grads(params)
+            gnorm = _clip_and_step(model, opt, cfg, step)
+            glob["grad_norm"] = float(gnorm)
+            for k in (*_PARTS[:6], "grad_norm", "kl_loss"):
+                sums[k] = sums.get(k, 0.0) + glob[k]
+            count += 1
+            if a.target_kl is not None and glob["approx_kl"] > a.target_kl:
                 stop = True
                 break
         if stop:
@@ -237,18 +330,41 @@ def update(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float,
 
 
 @dataclass
+class Rows:
+    """The step's rows gathered from every process, in global order: what rank 0 logs."""
+
+    prompts: list[str]
+    completions: list[str]
+    scores: torch.Tensor
+    reward_terms: dict[str, torch.Tensor]
+    episode_returns: list[float]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
 class StepResult:
-    batch: Batch
+    batch: Batch  # this process's rows (all of them in a 1-process run)
     metrics: dict
+    rows: Rows | None = None  # data-parallel: every process's rows, for the logs
 
 
 class Trainer:
-    """Owns the model, optimizer and state of one run; `step()` does one RL iteration."""
+    """Owns the model, optimizer and state of one run; `step()` does one RL iteration.
 
-    def __init__(self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: TextEnv | DialogEnv | None = None):
+    With `dist` (a data-parallel run, distributed.py) this process rolls out its share of
+    each step's prompts and the update, whitening, KL controller and metrics span all shares.
+    """
+
+    def __init__(
+        self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: TextEnv | DialogEnv | None = None,
+        dist: Dist | None = None,
+    ):
         self.cfg = cfg
         self.model = model
         self.rows = train_rows
+        self.dist = dist
         self.env = env or make_env(cfg, model)
         self.opt = build_optimizer(model, cfg)
         self.sched = build_scheduler(self.opt, cfg)
@@ -256,15 +372,22 @@ class Trainer:
         self.kl_ctl = KLController(k.coef, k.target if k.adaptive else None, k.horizon)
         self.sampler = PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle)
         dev = model.device
-        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-        self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        rank = dist.rank if dist is not None else 0
+        self.gen = torch.Generator(device=dev).manual_seed(rank_seed(cfg.seed, rank))
+        self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same on every process
         self.step_idx = 0
         self.truncated_prompts = 0
         self.skipped_batches = 0
+        if dist is not None:
+            dist.broadcast_params([p for g in self.opt.param_groups for p in g["params"]])
+            # normalised reward terms keep running statistics of the whole batch, in its order
+            self.env.rewards.gather = dist.gather_floats
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
-        return {
+        """The run state. Data-parallel: a collective (every process calls it); `gen` and
+        `rng` are rank 0's and `ranks` holds every process's generator and RNG states."""
+        out = {
             "step": self.step_idx,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -274,26 +397,35 @@ class Trainer:
             "update_gen": self.update_gen.get_state(),
             "skipped_batches": self.skipped_batches,
             "reward_stats": self.env.rewards.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            },
+            "rng": _rng_state(),
         }
+        if self.dist is not None:
+            out["ranks"] = self.dist.gather({"gen": self.gen.get_state(), "rng": out["rng"]})
+        return out
 
     def load_state_dict(self, s: dict) -> None:
+        """Data-parallel: a process whose rank the checkpoint has (same or more processes
+        before) gets its own generator and RNG states back; one beyond them (more processes
+        now) gets a fresh generator seeded from (seed, rank, step)."""
         self.step_idx = s["step"]
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         self.kl_ctl.load_state_dict(s["kl"])
         self.sampler.load_state_dict(s["sampler"])
-        self.gen.set_state(s["gen"])
+        rank = self.dist.rank if self.dist is not None else 0
+        ranks = s.get("ranks") or [{"gen": s["gen"], "rng": s["rng"]}]
+        if rank < len(ranks):
+            self.gen.set_state(ranks[rank]["gen"])
+            rng = ranks[rank]["rng"]
+        else:
+            self.gen.manual_seed(rank_seed(self.cfg.seed * 1_000_003 + s["step"], rank))
+            rng = s["rng"]
         self.update_gen.set_state(s["update_gen"])
         self.skipped_batches = s.get("skipped_batches", 0)  # absent in checkpoints from before the option
         self.env.rewards.load_state_dict(s.get("reward_stats", {}))
-        random.setstate(s["rng"]["python"])
-        np.random.set_state(s["rng"]["numpy"])
-        torch.set_rng_state(s["rng"]["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
         self._apply_config_rates()
 
     def _apply_config_rates(self) -> None:
@@ -317,10 +449,14 @@ class Trainer:
         step = self.step_idx + 1
         t0 = time.perf_counter()
         idx = self.sampler.take(cfg.train.batch_size // n)
+        if self.dist is not None:  # the same prompts on every process: keep this one's contiguous share
+            k = len(idx) // self.dist.world_size
+            idx = idx[self.dist.rank * k : (self.dist.rank + 1) * k]
         rows = [self.rows[i] for i in idx for _ in range(n)]
         group = [g for g in range(len(idx)) for _ in range(n)]
         dialog = isinstance(self.env, DialogEnv)
         info: dict = {}
+        failed = False
         try:
             if dialog:  # multi-turn: the env samples every turn, simulates the user and scores each turn
                 batch, trunc, info = self.env.rollout(self.model, rows, group, generator=self.gen, training=True)
@@ -341,10 +477,13 @@ class Trainer:
             # inf/nan probabilities. Not skippable: the weights themselves are broken.
             if "probability tensor contains" not in str(exc):
                 raise
+            failed = True
+        if self.dist is not None:
+            failed = self.dist.any(failed)  # every process stops, not only the one that sampled the NaN
+        if failed:
             raise NonFiniteError(
                 f"non-finite logits in the rollout at step {step} (the weights diverged)", "lower train.learning_rate"
-            ) from None
-        self.truncated_prompts += trunc
+            )
         t1 = time.perf_counter()
 
         if dialog:
@@ -355,20 +494,35 @@ class Trainer:
             batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
             batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
         t2 = time.perf_counter()
+        return self.learn(batch, info, times=(t0, t1, t2), truncated=trunc)
 
+    def learn(self, batch: Batch, info: dict | None = None, *, times: tuple | None = None, truncated: int = 0) -> StepResult:
+        """The stages after the rollout and scoring: reference → rewards → advantages → update → metrics.
+
+        `batch` holds this process's rollouts with their scores; `times` = (start, rollout
+        done, scoring done) from `step`. Data-parallel tests call it with given rollouts.
+        """
+        cfg = self.cfg
+        dist = self.dist
+        step = self.step_idx + 1
+        info = dict(info or {})
+        t0, t1, t2 = times if times is not None else (time.perf_counter(),) * 3
         batch.ref_logprobs = self.model.reference_logprobs(
             batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
         )
         beta = self.kl_ctl.value
         add_token_rewards(batch, cfg, beta)
-        add_advantages(batch, cfg, beta)
+        add_advantages(batch, cfg, beta, dist)
         t3 = time.perf_counter()
 
         skipped = False
         try:
-            if _nonfinite(batch.rewards):  # scores are checked by RewardSet; KL and fluency terms are not
+            bad_reward = _nonfinite(batch.rewards)  # scores are checked by RewardSet; KL and fluency terms are not
+            if dist is not None:
+                bad_reward = dist.any(bad_reward)
+            if bad_reward:
                 raise NonFiniteError(f"non-finite reward at step {step} (per-token reward with the KL and fluency terms)")
-            stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, step)
+            stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, step, dist)
         except NonFiniteError:
             if self.skipped_batches >= cfg.train.skip_nonfinite:
                 raise
@@ -382,21 +536,30 @@ class Trainer:
 
         mask = batch.action_mask
         kl_seq = ((batch.logprobs - batch.ref_logprobs) * mask).sum(-1)
+        rows = None
+        if dist is None:
+            scores, terms, returns, lengths, ended = (
+                batch.scores, batch.reward_terms, batch.rewards.sum(-1), batch.lengths, batch.ended
+            )
+        else:  # every process's rows, in global order, on every process: the metrics are the 1-process ones
+            rows, kl_seq, lengths, ended, info, truncated = self._gather(batch, kl_seq, info, truncated)
+            scores, terms, returns = rows.scores, rows.reward_terms, torch.tensor(rows.episode_returns)
+        self.truncated_prompts += truncated
         if not skipped:  # a skipped batch may carry a NaN KL, which would poison an adaptive β
-            self.kl_ctl.update(float(kl_seq.mean()), len(batch))
+            self.kl_ctl.update(float(kl_seq.mean()), len(kl_seq))
         self.step_idx += 1
-        n_tokens = float(mask.sum())
+        n_tokens = float(lengths.sum()) if dist is not None else float(mask.sum())
         m = {
             "step": self.step_idx,
-            "reward": float(batch.scores.mean()),
-            "reward_std": float(batch.scores.std()) if len(batch) > 1 else 0.0,
-            **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_terms.items()},
-            "return": float(batch.rewards.sum(-1).mean()),
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            **{f"reward/{k}": float(v.mean()) for k, v in terms.items()},
+            "return": float(returns.mean()),
             "kl": float(kl_seq.mean()),
             "beta": beta,
             **stats,
-            "completion_len": float(batch.lengths.mean()),
-            "eos_rate": float(batch.ended.float().mean()),
+            "completion_len": float(lengths.mean()),
+            "eos_rate": float(ended.float().mean()),
             "lr": self.sched.get_last_lr()[0],
             "skipped_batches": self.skipped_batches,
             "tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
@@ -408,10 +571,46 @@ class Trainer:
         }
         m.update(info)  # dialog: per-turn rewards, EOS rate per turn, user reply length, simulator time
         if batch.values is not None:
-            m["explained_variance"] = adv_mod.explained_variance(batch.values, batch.returns, mask)
-            m["value_mean"] = float(adv_mod.masked_mean(batch.values, mask))
+            if dist is None:
+                m["explained_variance"] = adv_mod.explained_variance(batch.values, batch.returns, mask)
+                m["value_mean"] = float(adv_mod.masked_mean(batch.values, mask))
+            else:
+                m["explained_variance"] = global_explained_variance(batch.values, batch.returns, mask, dist)
+                m["value_mean"] = float(global_masked_mean(batch.values, mask, dist))
         if not skipped:  # a skipped batch's metrics may be NaN; they are logged as such
             for k, v in m.items():
                 if isinstance(v, float) and not math.isfinite(v) and k != "explained_variance":
                     raise NonFiniteError(f"non-finite {k} at step {self.step_idx}")
-        return StepResult(batch, m)
+        return StepResult(batch, m, rows)
+
+    def _gather(self, batch: Batch, kl_seq: torch.Tensor, info: dict, truncated: int):
+        """Every process's per-row values, concatenated in rank order (= the global batch's order)."""
+        mine = {
+            "prompts": batch.prompts,
+            "completions": batch.completions,
+            "scores": batch.scores.tolist(),
+            "terms": {k: v.tolist() for k, v in batch.reward_terms.items()},
+            "returns": batch.rewards.sum(-1).tolist(),
+            "kl": kl_seq.tolist(),
+            "lengths": batch.lengths.tolist(),
+            "ended": batch.ended.tolist(),
+            "info": info,
+            "truncated": truncated,
+        }
+        parts = self.dist.gather(mine)
+
+        def cat(key, sub=None):
+            return [v for p in parts for v in (p[key] if sub is None else p[key][sub])]
+
+        rows = Rows(
+            cat("prompts"), cat("completions"), torch.tensor(cat("scores")),
+            {k: torch.tensor(cat("terms", k)) for k in mine["terms"]}, cat("returns"),
+        )
+        # dialog diagnostics are means over each process's rows; the shares are equal, so their mean is the global one
+        info = {k: (sum(p["info"][k] for p in parts) / len(parts) if isinstance(v, (int, float)) else v) for k, v in info.items()}
+        trunc = sum(p["truncated"] for p in parts)
+        return rows, torch.tensor(cat("kl")), torch.tensor(cat("lengths")), torch.tensor(cat("ended")), info, trunc
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
