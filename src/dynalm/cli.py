@@ -1,6 +1,8 @@
 """`dynalm` command line: train, generate, eval, config.
 
 A user's mistake prints one line, `dynalm: error: <what> (<how to fix>)`, and exits 2.
+Under `accelerate launch` (several processes) an error every process hits alike (a config
+mistake, a diverged run) is printed by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def cmd_train(args) -> int:
         run_dir = train(cfg, args.out, force=args.force, resume=args.resume, echo=lambda s: print(s, flush=True))
     except Stopped as s:
         return 128 + int(s.signum)
-    print(f"run directory: {run_dir}")
+    if not _other_rank():  # launched data-parallel: rank 0 speaks for the run
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -225,15 +228,25 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _other_rank() -> bool:
+    """A process other than rank 0 of a launch (`accelerate launch`, torchrun set RANK)."""
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.cmd != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+            err = UserError(f"only `dynalm train` runs data-parallel, not `dynalm {args.cmd}`", "run it without accelerate launch")
+            err.all_ranks = True
+            raise err
         return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "config": cmd_config}[args.cmd](args)
     except UserError as err:
-        print(f"dynalm: error: {err.line()}", file=sys.stderr)
+        if not (getattr(err, "all_ranks", False) and _other_rank()):
+            print(f"dynalm: error: {err.line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dynalm: interrupted", file=sys.stderr)

@@ -18,6 +18,11 @@ checkpoint write) is undone by `train --resume`: it restarts from the latest com
 checkpoint, drops the metrics/samples lines written after it (and a half-written last
 line), and, being deterministic, rewrites them identically. SIGINT/SIGTERM stop at the end
 of the current step with a checkpoint (exit 130/143 from the CLI).
+
+Data-parallel (`accelerate launch -m dynalm train ...`, distributed.py): every process
+checks the inputs, loads the model and trains its share of each step; rank 0 alone writes
+the run directory (config, metrics, samples, tb, checkpoints, export, eval, report). The
+others stop after the last checkpoint. A signal stops every process at the same step.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from .checkpoint import (
 )
 from .config import Config, build_config, dump_config, read_yaml
 from .data import read_rows
+from .distributed import Dist, check_world
 from .errors import UserError
 from .evaluate import evaluate
-from .models.policy import PolicyValueModel
+from .models.policy import PolicyValueModel, pick_device
 from .envs import make_env
 from .report import finalize_report
 from .rewards import RewardSet
@@ -88,8 +94,11 @@ def _with_reference(rows: list[dict], cfg: Config) -> list[dict]:
     return [{**r, "reference": r[f]} for r in rows]
 
 
-def set_threads(cfg: Config) -> None:
+def set_threads(cfg: Config, dist: Dist | None = None) -> None:
+    """train.threads, else all cores (shared among this machine's processes when data-parallel)."""
     n = cfg.train.threads or os.cpu_count() or 1
+    if dist is not None and not cfg.train.threads:
+        n = max(1, n // dist.local_world_size)
     torch.set_num_threads(n)
 
 
@@ -193,7 +202,7 @@ class _Logger:
             self.tb.close()
 
 
-def _progress(cfg: Config, total: int, start: int):
+def _progress(cfg: Config, total: int, start: int, show: bool = True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
@@ -203,18 +212,22 @@ def _progress(cfg: Config, total: int, start: int):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        disable=not cfg.log.progress,
+        disable=not (cfg.log.progress and show),
         transient=False,
     )
 
 
 def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
+    """Save the trainer's state; data-parallel: every process calls it, rank 0 writes."""
     cfg = trainer.cfg
+    state = trainer.state_dict()  # a collective when data-parallel (gathers each process's generator)
+    if trainer.dist is not None and not trainer.dist.is_main:
+        return run_dir / "checkpoints" / f"step-{trainer.step_idx:06d}"
     return save_checkpoint(
         run_dir / "checkpoints",
         trainer.step_idx,
         trainer.model.trainable_state_dict(),
-        trainer.state_dict(),
+        state,
         cfg.log.keep_checkpoints,
     )
 
@@ -253,7 +266,8 @@ def estimate_memory(
     return est
 
 
-def model_memory_estimate(model: PolicyValueModel, cfg: Config) -> dict[str, int]:
+def model_memory_estimate(model: PolicyValueModel, cfg: Config, world_size: int = 1) -> dict[str, int]:
+    """Per process: data-parallel, a process holds at most its share of a minibatch."""
     tc = model.lm.config.get_text_config()
     params = list(model.parameters())  # tied weights counted once
     return estimate_memory(
@@ -262,7 +276,7 @@ def model_memory_estimate(model: PolicyValueModel, cfg: Config) -> dict[str, int
         hidden=tc.hidden_size,
         layers=tc.num_hidden_layers,
         vocab=tc.vocab_size,
-        batch=cfg.algorithm.minibatch_size or cfg.train.batch_size,
+        batch=min(cfg.algorithm.minibatch_size or cfg.train.batch_size, cfg.train.batch_size // world_size),
         prompt_tokens=cfg.model.max_prompt_tokens,
         new_tokens=_new_tokens(cfg),
     )
@@ -295,9 +309,9 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def check_memory(model: PolicyValueModel, cfg: Config) -> str:
+def check_memory(model: PolicyValueModel, cfg: Config, world_size: int = 1) -> str:
     """Refuse (UserError) a run whose estimate exceeds the memory available; returns the log line."""
-    est = model_memory_estimate(model, cfg)
+    est = model_memory_estimate(model, cfg, world_size)
     avail = available_memory(model.device)
     line = (
         f"memory: ~{_size(est['total'])} peak estimated (weights {_size(est['weights'])}, "
@@ -311,7 +325,7 @@ def check_memory(model: PolicyValueModel, cfg: Config) -> str:
         return line
     what = f"estimated peak memory {_size(est['total'])} exceeds the {_size(avail + est['weights'])} available"
     fixed = est["optimizer"]
-    mb = cfg.algorithm.minibatch_size or cfg.train.batch_size
+    mb = min(cfg.algorithm.minibatch_size or cfg.train.batch_size, cfg.train.batch_size // world_size)
     per_sample = (est["activations"] + est["logits"]) / mb
     fit = int((avail - fixed) // per_sample) if avail > fixed else 0
     if fit >= 1:
@@ -329,31 +343,62 @@ def check_memory(model: PolicyValueModel, cfg: Config) -> str:
 
 
 def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, resume: str | Path | None = None, echo=print) -> Path:
-    """Train per `cfg` into a run directory (or continue the run in `resume`); returns the run directory."""
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)", "pass the folder printed by `dynalm train`")
-        cfg = build_config(read_yaml(run_dir / "config.yaml"))
-    else:
-        run_dir = Path(out) if out else default_run_dir(cfg)
-        check_run_dir(run_dir, force=force)
-    # Check everything the user gave (data, rewards, model, memory) before touching the disk.
-    rows = train_rows(cfg)
-    ev = eval_rows(cfg) if cfg.eval.enabled else None
-    rewards = RewardSet(cfg.rewards)
-    set_threads(cfg)
-    seed_everything(cfg.seed)
-    model = PolicyValueModel.from_config(cfg)
-    memory_line = check_memory(model, cfg)
-    if resume is None:
+    """Train per `cfg` into a run directory (or continue the run in `resume`); returns the run directory.
+
+    Launched with several processes (WORLD_SIZE > 1), it trains data-parallel: see distributed.py.
+    """
+    try:
+        if resume is not None:
+            run_dir = Path(resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)", "pass the folder printed by `dynalm train`")
+            cfg = build_config(read_yaml(run_dir / "config.yaml"))
+        else:
+            run_dir = Path(out) if out else default_run_dir(cfg)
+            check_run_dir(run_dir, force=force)
+        dist = Dist.from_env(cpu=pick_device(cfg.model.device).type == "cpu")
+    except UserError as err:
+        err.all_ranks = True  # the same inputs on every process: rank 0 alone prints it
+        raise
+    if dist is None:
+        return _train(cfg, run_dir, force=force, resume=resume, echo=echo, dist=None)
+    try:
+        return _train(cfg, run_dir, force=force, resume=resume, echo=echo if dist.is_main else (lambda s: None), dist=dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist | None) -> Path:
+    main = dist is None or dist.is_main
+    try:
+        if dist is not None:
+            check_world(cfg, dist.world_size)
+            run_dir = Path(dist.broadcast(str(run_dir)))  # a default name holds the time: take rank 0's
+            _check_mixed_precision(echo)
+        # Check everything the user gave (data, rewards, model, memory) before touching the disk.
+        rows = train_rows(cfg)
+        ev = eval_rows(cfg) if cfg.eval.enabled else None
+        rewards = RewardSet(cfg.rewards)
+        set_threads(cfg, dist)
+        seed_everything(cfg.seed)
+        model = PolicyValueModel.from_config(cfg, device=dist.device if dist is not None else None)
+        memory_line = check_memory(model, cfg, dist.world_size if dist is not None else 1)
+    except UserError as err:
+        err.all_ranks = True
+        raise
+    if dist is not None:
+        dist.barrier()  # every process has checked --out before rank 0 writes into it
+    if resume is None and main:
         prepare_run_dir(run_dir, force=force)
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    trainer = Trainer(cfg, model, rows, make_env(cfg, model, rewards))
+    trainer = Trainer(cfg, model, rows, make_env(cfg, model, rewards), dist=dist)
     ckpt = None
     if resume is not None:
-        clean_partial_checkpoints(run_dir / "checkpoints")
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if main:
+            clean_partial_checkpoints(run_dir / "checkpoints")
+            ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if dist is not None:  # every process loads the checkpoint rank 0 picked
+            ckpt = dist.broadcast(ckpt)
         if ckpt is not None:
             weights, state = load_checkpoint(ckpt, map_location=model.device)
             load_weights(model, weights, ckpt)
@@ -361,9 +406,12 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
             echo(f"resuming {run_dir} from {ckpt.name} (step {trainer.step_idx})")
         else:
             echo(f"no checkpoint in {run_dir}; starting it from step 0")
+    if dist is not None:
+        echo(f"data-parallel: {dist.world_size} processes on {dist.device.type}, {cfg.train.batch_size // dist.world_size} completions each per step")
     echo(memory_line)
-    _truncate_jsonl(run_dir / "metrics.jsonl", trainer.step_idx)
-    _truncate_jsonl(run_dir / "samples.jsonl", trainer.step_idx)
+    if main:
+        _truncate_jsonl(run_dir / "metrics.jsonl", trainer.step_idx)
+        _truncate_jsonl(run_dir / "samples.jsonl", trainer.step_idx)
     last_ckpt = ckpt
 
     stop = {"sig": None}
@@ -374,44 +422,46 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         stop["sig"] = signum  # acted on at the end of the current step, a safe point
 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
-    logger = _Logger(run_dir, cfg)
+    logger = _Logger(run_dir, cfg) if main else None
     total = cfg.train.steps
     warned_truncation = False
     try:
-        with _progress(cfg, total, trainer.step_idx) as prog:
+        with _progress(cfg, total, trainer.step_idx, show=main) as prog:
             task = prog.add_task("train", total=total, completed=trainer.step_idx, reward="-", kl="-")
             while trainer.step_idx < total:
                 try:
                     res = trainer.step()
                 except NonFiniteError as err:
-                    raise NonFiniteError(
-                        f"{err.what}; last good checkpoint: {last_ckpt or 'no checkpoint yet'}",
-                        f"{err.fix} in {run_dir / 'config.yaml'}, then: dynalm train --resume {run_dir}",
-                    ) from None
+                    raise _nonfinite_stop(err, last_ckpt, run_dir, dist) from None
                 m = res.metrics
-                logger.log(m)
                 step = m["step"]
-                if step % cfg.log.samples_every == 0 or step == 1:
-                    logger.log_samples(step, res.batch)
-                if trainer.truncated_prompts and not warned_truncation:
-                    warned_truncation = True  # once per run: the count keeps growing, the advice does not change
-                    echo(
-                        f"warning: prompts longer than model.max_prompt_tokens={cfg.model.max_prompt_tokens} are cut "
-                        f"from the left ({trainer.truncated_prompts} so far, at step {step}); raise it to keep them whole"
-                    )
-                if cfg.log.print_episodes:
-                    ret = res.batch.rewards.sum(-1).tolist()
-                    for i, r in enumerate(ret):
-                        prog.console.print(f"Episode {(step - 1) * len(ret) + i + 1}: Cumulative Reward = {r:.4f}")
-                prog.update(task, completed=step, reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}")
-                if not sys.stderr.isatty() and not cfg.log.print_episodes and cfg.log.progress:
-                    prog.console.print(
-                        f"step {step}/{total} reward {m['reward']:.4f} kl {m['kl']:.4f} ({m['time/step']:.1f}s)"
-                    )
+                if main:
+                    logged = res.rows if res.rows is not None else res.batch
+                    logger.log(m)
+                    if step % cfg.log.samples_every == 0 or step == 1:
+                        logger.log_samples(step, logged)
+                    if trainer.truncated_prompts and not warned_truncation:
+                        warned_truncation = True  # once per run: the count keeps growing, the advice does not change
+                        echo(
+                            f"warning: prompts longer than model.max_prompt_tokens={cfg.model.max_prompt_tokens} are cut "
+                            f"from the left ({trainer.truncated_prompts} so far, at step {step}); raise it to keep them whole"
+                        )
+                    if cfg.log.print_episodes:
+                        ret = res.rows.episode_returns if res.rows is not None else res.batch.rewards.sum(-1).tolist()
+                        for i, r in enumerate(ret):
+                            prog.console.print(f"Episode {(step - 1) * len(ret) + i + 1}: Cumulative Reward = {r:.4f}")
+                    prog.update(task, completed=step, reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}")
+                    if not sys.stderr.isatty() and not cfg.log.print_episodes and cfg.log.progress:
+                        prog.console.print(
+                            f"step {step}/{total} reward {m['reward']:.4f} kl {m['kl']:.4f} ({m['time/step']:.1f}s)"
+                        )
                 if step % cfg.log.checkpoint_every == 0 and step < total:
                     last_ckpt = _checkpoint(trainer, run_dir)
-                if stop["sig"] is not None:
-                    raise Stopped(stop["sig"])
+                sig = stop["sig"]
+                if dist is not None:  # stop every process at the same step, whichever got the signal
+                    sig = next((s for s in dist.gather(sig) if s is not None), None)
+                if sig is not None:
+                    raise Stopped(sig)
     except Stopped:
         if last_ckpt is None or last_ckpt.name != f"step-{trainer.step_idx:06d}":
             last_ckpt = _checkpoint(trainer, run_dir)
@@ -419,10 +469,13 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         echo(f"resume with: dynalm train --resume {run_dir}")
         raise
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         for s, h in old.items():
             signal.signal(s, h)
     _checkpoint(trainer, run_dir)
+    if not main:  # rank 0 alone exports, evaluates and writes the report
+        return run_dir
     export_model(model, run_dir / "export")
     result = None
     if ev is not None:
@@ -438,6 +491,25 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         )
     finalize_report(run_dir, result, model, cfg, ev, echo=echo)
     return run_dir
+
+
+def _nonfinite_stop(err: NonFiniteError, last_ckpt, run_dir: Path, dist: Dist | None) -> NonFiniteError:
+    out = NonFiniteError(
+        f"{err.what}; last good checkpoint: {last_ckpt or 'no checkpoint yet'}",
+        f"{err.fix} in {run_dir / 'config.yaml'}, then: dynalm train --resume {run_dir}",
+    )
+    out.all_ranks = dist is not None  # data-parallel: raised by every process at the same step
+    return out
+
+
+def _check_mixed_precision(echo) -> None:
+    """Accelerate's mixed_precision setting is not ours: say what dynalm does instead."""
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mp not in ("no", "bf16"):
+        echo(
+            f"note: accelerate mixed_precision={mp} is ignored; dynalm keeps float32 weights and autocasts "
+            "forward passes to bfloat16 on CUDA (float32 on CPU)"
+        )
 
 
 def _main_thread() -> bool:
