@@ -23,6 +23,7 @@ of the current step with a checkpoint (exit 130/143 from the CLI).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -181,8 +182,12 @@ class _Logger:
                 "prompt": batch.prompts[i],
                 "completion": batch.completions[i],
                 "reward": float(batch.scores[i]),
-                **{k: float(v[i]) for k, v in batch.reward_terms.items()},
             }
+            terms = {k: float(v[i]) for k, v in batch.reward_terms.items()}
+            if any(math.isnan(x) for x in terms.values()):  # Dyna: scored by the learned model
+                rec["scored_by"] = "model"
+            else:
+                rec.update(terms)
             self.samples.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.samples.flush()
 
@@ -389,6 +394,8 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
                         f"{err.fix} in {run_dir / 'config.yaml'}, then: dynalm train --resume {run_dir}",
                     ) from None
                 m = res.metrics
+                if ev is not None and cfg.eval.every and m["step"] % cfg.eval.every == 0 and m["step"] < total:
+                    m.update(periodic_eval(model, ev, cfg))
                 logger.log(m)
                 step = m["step"]
                 if step % cfg.log.samples_every == 0 or step == 1:
@@ -438,6 +445,18 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         )
     finalize_report(run_dir, result, model, cfg, ev, echo=echo)
     return run_dir
+
+
+def periodic_eval(model: PolicyValueModel, rows: list[dict], cfg: Config) -> dict:
+    """The policy alone on the eval split (the run's planner, same seed every time), as
+    `eval/*` metrics for the step's metrics.jsonl line. Uses the true reward, never Dyna's model."""
+    t0 = time.perf_counter()
+    side = evaluate(model, rows, cfg, base=False)["trained"]
+    model.train()
+    skip = ("seconds_per_sample", "forward_calls", "n")  # timing and counts: time/eval says it
+    out = {f"eval/{k}": v for k, v in side.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+    out["time/eval"] = time.perf_counter() - t0
+    return out
 
 
 def _main_thread() -> bool:
