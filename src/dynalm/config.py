@@ -247,6 +247,11 @@ class PlannerConfig(_Section):
     temperature: float = Field(
         0.0, ge=0, description="mcts: 0 = emit the most visited token; >0 = sample it ∝ visits^(1/T)."
     )
+    leaf: Literal["value", "reward", "mean"] = Field(
+        "value",
+        description="mcts: how an unfinished leaf is scored — the value head V(s), the run's reward on the partial text "
+        "(one reward call per leaf, no value head needed), or the mean of the two.",
+    )
     kl_coef: float = Field(
         0.0, ge=0, description="mcts: add −kl_coef·Σ(log π − log π_ref) along the path to leaf values (PPO-MCTS); 0 = off."
     )
