@@ -373,7 +373,8 @@ def write_markdown(path: Path, res: dict) -> None:
              f"sides run in subprocesses, one at a time, interleaved per seed  ")
     v = res["versions"]
     L.append(f"Versions: dynalm {v.get('dynalm', '?')}; TRL {v.get('trl-grpo', '-')} (GRPO), {v.get('trl-ppo', '-')} (PPO); "
-             f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')} on both sides\n")
+             f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')} on both sides"
+             + "".join(f"; except {k}: {val}" for k, val in v.items() if k.count("-") == 2) + "\n")
     L.append("## Per side (medians over timed steps of all seeds)\n")
     L.append("| side | s/step | generation | scoring (reward + ref) | update | completion tok/s | peak RSS | reward first→last |")
     L.append("|---|---|---|---|---|---|---|---|")
@@ -505,6 +506,16 @@ SETTINGS = [
 # ----------------------------------------------------------------------------- main
 
 
+def git_commit() -> str:
+    """' (commit abc1234)' for the checkout being measured; '+ changes' when src/ differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" (commit {head}{' + uncommitted changes in src/' if dirty else ''})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="dynalm vs TRL on identical RL work (issue 7)")
     ap.add_argument("--steps", type=int, default=10, help="training steps per run (step 1 is warm-up)")
@@ -573,7 +584,7 @@ def main() -> None:
     bw = max(m["copy_gbs"] for m in measurements) * 1e9
     warmup = 1 if a.steps > 1 else 0
     summary = {side: summarize(runs[side], counts, peak, bw, warmup) for side in SIDES if runs.get(side)}
-    versions = {"dynalm": getattr(dynalm, "__version__", "?"), "torch": torch.__version__,
+    versions = {"dynalm": getattr(dynalm, "__version__", "?") + git_commit(), "torch": torch.__version__,
                 "transformers": importlib.metadata.version("transformers"), "peft": importlib.metadata.version("peft")}
     for side in sides:
         if side.startswith("trl") and runs[side]:
