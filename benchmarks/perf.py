@@ -369,7 +369,8 @@ def write_markdown(path: Path, res: dict) -> None:
     L.append("# dynalm vs TRL: speed, memory and reward on identical work\n")
     L.append(f"Command: `{res['command']}`  ")
     L.append(f"Machine: {mach['cpu']}; {res['threads']} torch threads per run; {res['date']}  ")
-    L.append(f"Steps per run: {res['steps']} (step 1 is warm-up, left out of medians and rates); seeds: {', '.join(map(str, res['seeds']))}; "
+    warm = "step 1 is warm-up, left out of medians and rates" if res["warmup_steps_dropped"] else "no warm-up step left out"
+    L.append(f"Steps per run: {res['steps']} ({warm}); seeds: {', '.join(map(str, res['seeds']))}; "
              f"sides run in subprocesses, one at a time, interleaved per seed  ")
     v = res["versions"]
     L.append(f"Versions: dynalm {v.get('dynalm', '?')}; TRL {v.get('trl-grpo', '-')} (GRPO), {v.get('trl-ppo', '-')} (PPO); "
