@@ -28,5 +28,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest tests
 
+# dynalm vs TRL on identical work (issue 7): builds one TRL venv per version under .bench/ on
+# first use, then runs every side for 3 seeds; writes benchmarks/results/perf.{json,md}.
+# Takes most of an hour on 2 cores; e.g. `make bench BENCH_ARGS="--steps 4 --seeds 1"` is shorter.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python benchmarks/perf.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .dynalm_cache runs

@@ -1,8 +1,10 @@
 """Train each task preset on the embedded model and record base vs trained eval.
 
-    python benchmarks/tasks.py [--tasks sentiment translation poem] [--set key=value ...]
+    python benchmarks/tasks.py [--tasks sentiment translation poem] [--set key=value ...] [--name tasks]
 
-Writes benchmarks/results/tasks.json; the README's task table quotes it.
+Writes benchmarks/results/NAME.json (tasks.json by default); the README's task table quotes
+it. `--tasks dialog --name dialog` measures the dialog preset (a sample eval conversation
+from each side is kept in the result).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["sentiment", "translation", "poem"])
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--name", default="tasks", help="result file name (benchmarks/results/NAME.json)")
     a = ap.parse_args()
-    out = {"machine": machine(), "command": "python benchmarks/tasks.py " + " ".join(f"--set {s}" for s in a.set), "tasks": {}}
+    out = {"machine": machine(), "command": "python benchmarks/tasks.py " + " ".join(sys.argv[1:]), "tasks": {}}
     for task in a.tasks:
         run = Path("runs") / f"bench-{task}"
         cmd = [sys.executable, "-m", "dynalm", "train", "-c", f"configs/{task}.yaml", "--out", str(run), "--force"]
@@ -41,7 +44,11 @@ def main() -> None:
             "base": {k: ev["base"][k] for k in KEYS + terms if k in ev["base"]},
             "trained": {k: ev["trained"][k] for k in KEYS + terms if k in ev["trained"]},
         }
-        write_result("tasks", out)
+        tr = run / "transcripts.jsonl"
+        if tr.is_file():  # dialog: the first eval conversation of each side
+            lines = [json.loads(x) for x in tr.read_text().splitlines()]
+            out["tasks"][task]["sample_conversations"] = [t for t in lines if t["episode"] == 0]
+        write_result(a.name, out)
         print(task, json.dumps(out["tasks"][task]), flush=True)
 
 

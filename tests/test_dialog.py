@@ -353,6 +353,11 @@ def test_dialog_preset_trains_through_cli(algo, tiny_llama, tmp_path, capsys):
     assert [t["role"] for t in tr] == ["user", "assistant", "user", "assistant", "user"]
     assert set(tr[1]["terms"]) == terms
     assert lines[-1]["persona"] and (run / "report.md").is_file() and (run / "tokens.html").is_file()
+    if algo == "ppo":  # `dynalm eval --run` writes the conversations behind its numbers too
+        (run / "transcripts.jsonl").unlink()
+        assert main(["eval", "--run", str(run), "--set", "eval.max_prompts=1"]) == 0
+        again = [json.loads(x) for x in (run / "transcripts.jsonl").read_text().splitlines()]
+        assert [(t["side"], t["episode"]) for t in again] == [("base", 0), ("trained", 0)]
 
 
 def test_turn_level_best_of_n_picks_the_best_lookahead(tiny_llama, dialog_rows, tmp_path):

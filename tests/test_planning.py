@@ -165,6 +165,27 @@ def test_mcts_picks_the_valuable_token_that_sampling_misses(tiny_llama, prompts_
     assert max(visits, key=visits.get) == good_id
 
 
+def test_mcts_with_reward_leaves_needs_no_value_head(tiny_llama, prompts_file):
+    """planner.leaf=reward scores unfinished leaves by the reward of the partial text: a reward
+    that likes one word steers the search to it from the first token, without a value head."""
+    gen = {"max_new_tokens": 3, "stop_at_eos": False}
+    cfg, model, env = _setup(tiny_llama, prompts_file, perturb=False, generation=gen, model={"value_head": False},
+                             algorithm={"name": "grpo", "num_generations": 2})
+    assert model.value_head is None
+    with pytest.raises(UserError, match="needs a value head"):
+        plan(model, env, ROWS[:1], cfg.generation, PlannerConfig(name="mcts"), max_prompt_tokens=64)
+    tok, row = model.tokenizer, ROWS[0]
+    ids, _, _ = encode_prompts(tok, [env.reset(row)], 64, "cpu")
+    logits, _ = _full(model, ids[0].tolist())
+    top = torch.topk(logits, 10).indices.tolist()
+    good = [w for w in (tok.convert_ids_to_tokens(i) for i in top[1:]) if w != "</s>"][-1]  # not the likeliest
+    env.rewards = Rewards(lambda c: float(c.split()[:1] == [good]))
+    res = plan(model, env, [row], cfg.generation, PlannerConfig(name="mcts", leaf="reward", simulations=60), max_prompt_tokens=64)
+    assert res.completions[0].split()[0] == good
+    calls = env.rewards.calls
+    assert calls == res.reward_calls > 0  # one reward call per evaluated leaf (and the root)
+
+
 @pytest.mark.parametrize(
     "pc",
     [

@@ -203,6 +203,32 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Completions generated at once during eval.")
     samples_per_prompt: int = Field(1, ge=1, description="Completions per eval prompt.")
     seed: int = Field(1234, description="Sampling seed for eval, so base and trained see the same randomness.")
+    every: int = Field(
+        0, ge=0, description="Also evaluate the policy every N training steps (logged as eval/* in metrics.jsonl); 0 = only at the end."
+    )
+
+
+class DynaConfig(_Section):
+    """Dyna: the configured reward is treated as expensive; a learned model scores the rest."""
+
+    enabled: bool = Field(False, description="Score only a share of each step's rollouts with the true reward; a learned reward model scores the rest.")
+    true_fraction: float = Field(
+        0.25, gt=0, le=1, description="Share of each step's completions scored by the true reward (at least one per step)."
+    )
+    warmup_steps: int = Field(1, ge=0, description="First steps scored entirely by the true reward, to seed the model's data.")
+    model: Literal["features", "lm"] = Field(
+        "features",
+        description="features: ridge regression on the frozen reference LM's pooled hidden states (no extra forward, exact refit "
+        "on all data each step); lm: an LM reward model (LoRA + head, as `dynalm train-rm`) refit by Adam steps.",
+    )
+    ridge: float | None = Field(
+        None, gt=0, description="features: L2 strength; null = picked each refit by leave-one-out error over a grid."
+    )
+    max_buffer: int = Field(4096, ge=1, description="True scores kept for refitting (oldest dropped first).")
+    init: str | None = Field(None, description="lm: start from a reward model saved by `dynalm train-rm` (its folder).")
+    fit_steps: int = Field(4, ge=1, description="lm: Adam steps per training step on minibatches of the buffer.")
+    fit_batch_size: int = Field(8, ge=1, description="lm: rows per refit step.")
+    fit_learning_rate: float = Field(1e-4, gt=0, description="lm: Adam learning rate of the refit.")
 
 
 class PlannerConfig(_Section):
@@ -220,6 +246,11 @@ class PlannerConfig(_Section):
     c_puct: float = Field(8.0, ge=0, description="mcts: exploration weight in PUCT, Q + c·P·sqrt(N(s))/(1+N(s,a)).")
     temperature: float = Field(
         0.0, ge=0, description="mcts: 0 = emit the most visited token; >0 = sample it ∝ visits^(1/T)."
+    )
+    leaf: Literal["value", "reward", "mean"] = Field(
+        "value",
+        description="mcts: how an unfinished leaf is scored — the value head V(s), the run's reward on the partial text "
+        "(one reward call per leaf, no value head needed), or the mean of the two.",
     )
     kl_coef: float = Field(
         0.0, ge=0, description="mcts: add −kl_coef·Σ(log π − log π_ref) along the path to leaf values (PPO-MCTS); 0 = off."
@@ -241,6 +272,7 @@ class Config(_Section):
     log: LogConfig = Field(default_factory=LogConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    dyna: DynaConfig = Field(default_factory=DynaConfig)
 
     @model_validator(mode="after")
     def _check_invariants(self) -> "Config":
@@ -261,6 +293,8 @@ class Config(_Section):
             raise ValueError("data.prompts is empty")
         if not self.rewards and self.env.fluency_coef == 0:
             raise ValueError("no reward: give at least one entry in rewards or set env.fluency_coef")
+        if self.dyna.enabled and self.env.kind != "text":
+            raise ValueError("dyna works with single-turn tasks (env.kind: text) only")
         if self.env.kind == "text":
             dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement"})
             if dialog_only:

@@ -68,6 +68,11 @@ def check_world(cfg, world_size: int) -> None:
     """Refuse a global batch that cannot be split into equal shares of whole prompt groups."""
     if world_size <= 1:
         return
+    if cfg.dyna.enabled:
+        raise UserError(
+            "dyna is not supported in data-parallel runs yet (each process would keep its own reward-model buffer)",
+            "run Dyna in one process, or set dyna.enabled: false",
+        )
     n = cfg.algorithm.num_generations
     prompts = cfg.train.batch_size // n
     if prompts % world_size:

@@ -28,6 +28,7 @@ others stop after the last checkpoint. A signal stops every process at the same 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -190,8 +191,12 @@ class _Logger:
                 "prompt": batch.prompts[i],
                 "completion": batch.completions[i],
                 "reward": float(batch.scores[i]),
-                **{k: float(v[i]) for k, v in batch.reward_terms.items()},
             }
+            terms = {k: float(v[i]) for k, v in batch.reward_terms.items()}
+            if any(math.isnan(x) for x in terms.values()):  # Dyna: scored by the learned model
+                rec["scored_by"] = "model"
+            else:
+                rec.update(terms)
             self.samples.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.samples.flush()
 
@@ -436,6 +441,9 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
                 m = res.metrics
                 step = m["step"]
                 if main:
+                    # data-parallel: rank 0 evaluates alone; the others wait in the next step's collectives
+                    if ev is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < total:
+                        m.update(periodic_eval(model, ev, cfg))
                     logged = res.rows if res.rows is not None else res.batch
                     logger.log(m)
                     if step % cfg.log.samples_every == 0 or step == 1:
@@ -510,6 +518,18 @@ def _check_mixed_precision(echo) -> None:
             f"note: accelerate mixed_precision={mp} is ignored; dynalm keeps float32 weights and autocasts "
             "forward passes to bfloat16 on CUDA (float32 on CPU)"
         )
+
+
+def periodic_eval(model: PolicyValueModel, rows: list[dict], cfg: Config) -> dict:
+    """The policy alone on the eval split (the run's planner, same seed every time), as
+    `eval/*` metrics for the step's metrics.jsonl line. Uses the true reward, never Dyna's model."""
+    t0 = time.perf_counter()
+    side = evaluate(model, rows, cfg, base=False)["trained"]
+    model.train()
+    skip = ("seconds_per_sample", "forward_calls", "n")  # timing and counts: time/eval says it
+    out = {f"eval/{k}": v for k, v in side.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+    out["time/eval"] = time.perf_counter() - t0
+    return out
 
 
 def _main_thread() -> bool:

@@ -200,6 +200,38 @@ class PolicyValueModel(nn.Module):
             return self._run(ref, input_ids, attention_mask, n_actions, temperature, False, False).logprobs
 
     @torch.no_grad()
+    def reference_logprobs_and_features(
+        self, input_ids, attention_mask, n_actions: int, action_mask: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference log-probs plus pooled features of the frozen reference trunk, from the
+        same forward pass: [mean over completion tokens, last completion token, mean prompt ⊙
+        mean completion] of the last hidden layer, [B, 3·hidden] (Dyna's reward-model input)."""
+        with self.reference() as ref:
+            pos = position_ids_from_mask(attention_mask)
+            with self.autocast():
+                out = ref(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=pos,
+                    output_hidden_states=True,
+                    use_cache=False,
+                    logits_to_keep=n_actions + 1,
+                )
+        logits = out.logits[:, :-1].float() / temperature
+        actions = input_ids[:, -n_actions:]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        h = out.hidden_states[-1].float()
+        comp_h = h[:, -n_actions:]
+        am = action_mask.to(h.dtype)
+        n = am.sum(-1, keepdim=True).clamp(min=1.0)
+        comp_mean = (comp_h * am[..., None]).sum(1) / n
+        last = (am.sum(-1).long() - 1).clamp(min=0)
+        comp_last = comp_h[torch.arange(h.shape[0], device=h.device), last]
+        pm = attention_mask[:, : h.shape[1] - n_actions].to(h.dtype)
+        prompt_mean = (h[:, : h.shape[1] - n_actions] * pm[..., None]).sum(1) / pm.sum(-1, keepdim=True).clamp(min=1.0)
+        return logprobs, torch.cat([comp_mean, comp_last, prompt_mean * comp_mean], dim=-1)
+
+    @torch.no_grad()
     def step_logits(self, lm, input_ids, attention_mask, position_ids, past, want_values: bool):
         """One incremental forward with the KV cache; returns last-position logits, values, cache."""
         with self.autocast():

@@ -7,7 +7,8 @@ top-k tokens, softmax renormalised over those k. Selection is PUCT,
     Q(s,a) + c_puct · P(s,a) · sqrt(N(s)) / (1 + N(s,a)),   N(s) = Σ_b N(s,b),
 where an unvisited child's Q is its parent's own value (rewards have no fixed scale, so
 Q=0 would push search toward or away from new tokens depending on their sign). A leaf is
-scored by V(leaf); a finished leaf (EOS, or the token limit) by the true reward from
+scored by V(leaf) (or, with `planner.leaf`, by the run's reward on the partial text, or the
+mean of both — useful when the value head is weak); a finished leaf (EOS, or the token limit) by the true reward from
 `env.step` instead (once per leaf: rewards are taken to be deterministic). Values are
 backed up along the path; Q is their mean. Priors and the KL term use
 generation.temperature; generation.top_k/top_p do not apply (the planner's top_k does).
@@ -76,8 +77,10 @@ class TokenMCTS:
         cfg: PlannerConfig,
         rng: random.Random | None = None,  # needed only when cfg.temperature > 0
     ):
-        if model.value_head is None:
-            raise UserError("planner 'mcts' needs a value head to score leaves", "set model.value_head: true")
+        if model.value_head is None and cfg.leaf != "reward":
+            raise UserError(
+                "planner 'mcts' needs a value head to score leaves", "set model.value_head: true, or use --set planner.leaf=reward"
+            )
         self.model, self.env, self.row, self.gen, self.cfg = model, env, row, gen, cfg
         self.rng = rng if rng is not None else random.Random(cfg.seed)
         self.stops = stop_ids(model.tokenizer, getattr(model.lm, "generation_config", None)) if gen.stop_at_eos else set()
@@ -86,7 +89,8 @@ class TokenMCTS:
         self.reward_calls = 0
         self.committed: list[int] = []  # tokens emitted so far (the path from the prompt to the root)
         # The prompt: one prefill with the policy (and the reference for the KL term).
-        logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=True)
+        self.want_values = cfg.leaf != "reward"
+        logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=self.want_values)
         self.forward_passes += 1
         ref_logits, self.root_ref_kv = None, None
         if self.use_kl:
@@ -94,7 +98,7 @@ class TokenMCTS:
                 ref_logits, _, self.root_ref_kv = kvx.prefill(model, ref, prompt_ids, want_values=False)
             self.forward_passes += 1
         self.root = Node(token=None, parent=None, prior=1.0, depth=0)
-        self.root.value = value
+        self.root.value = self._leaf_value(value, [], 0.0)
         self._add_children(self.root, logits, ref_logits)
 
     # ------------------------------------------------------------------ one simulation
@@ -133,7 +137,7 @@ class TokenMCTS:
         # One incremental forward of the node's token over root + ancestors' K/V.
         m = self.model
         prefix = kvx.join(self.root_kv, [n.kv for n in path[:-1]])
-        logits, value, node.kv = kvx.extend(m, m.lm, prefix, node.token, True)
+        logits, value, node.kv = kvx.extend(m, m.lm, prefix, node.token, self.want_values)
         self.forward_passes += 1
         ref_logits = None
         if self.use_kl:
@@ -142,7 +146,15 @@ class TokenMCTS:
                 ref_logits, _, node.ref_kv = kvx.extend(m, ref, prefix, node.token, False)
             self.forward_passes += 1
         self._add_children(node, logits, ref_logits)
-        return value - node.kl
+        return self._leaf_value(value, self.committed + [n.token for n in path], node.kl)
+
+    def _leaf_value(self, value, tokens: list[int], kl: float) -> float:
+        """An unfinished leaf's score: V(s), the reward of the partial text, or their mean; minus the KL term."""
+        leaf = self.cfg.leaf
+        if leaf == "value":
+            return float(value) - kl
+        r = self._reward(tokens, False)
+        return (r if leaf == "reward" else 0.5 * (float(value) + r)) - kl
 
     def _add_children(self, node: Node, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
         logp = torch.log_softmax(logits.float() / self.gen.temperature, dim=-1)

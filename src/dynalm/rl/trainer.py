@@ -22,6 +22,7 @@ import torch
 
 from ..config import Config
 from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
+from ..dyna import Dyna
 from ..envs import DialogEnv, TextEnv, make_env
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
@@ -382,6 +383,8 @@ class Trainer:
             dist.broadcast_params([p for g in self.opt.param_groups for p in g["params"]])
             # normalised reward terms keep running statistics of the whole batch, in its order
             self.env.rewards.gather = dist.gather_floats
+        self.reward_calls = 0  # completions scored by the configured (true) reward so far (this process)
+        self.dyna = Dyna(cfg) if cfg.dyna.enabled else None
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
@@ -396,6 +399,8 @@ class Trainer:
             "gen": self.gen.get_state(),
             "update_gen": self.update_gen.get_state(),
             "skipped_batches": self.skipped_batches,
+            "reward_calls": self.reward_calls,
+            "dyna": self.dyna.state_dict() if self.dyna is not None else None,
             "reward_stats": self.env.rewards.state_dict(),
             "rng": _rng_state(),
         }
@@ -422,6 +427,9 @@ class Trainer:
             rng = s["rng"]
         self.update_gen.set_state(s["update_gen"])
         self.skipped_batches = s.get("skipped_batches", 0)  # absent in checkpoints from before the option
+        self.reward_calls = s.get("reward_calls", 0)
+        if self.dyna is not None and s.get("dyna") is not None:
+            self.dyna.load_state_dict(s["dyna"])
         self.env.rewards.load_state_dict(s.get("reward_stats", {}))
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -440,6 +448,44 @@ class Trainer:
         k = self.cfg.kl
         self.kl_ctl.target = k.target if k.adaptive else None
         self.kl_ctl.horizon = k.horizon
+
+    # -------------------------------------------------------------- Dyna scoring
+    def _dyna_score(self, batch: Batch, rows: list[dict], group: list[int], step: int, info: dict) -> float:
+        """Reference forward (log-probs + the reward model's features), then true scores on a
+        share of the batch and imagined ones on the rest. Returns the time the scoring began
+        (the reference forward is timed as `time/reference`, the rest as `time/reward`)."""
+        cfg = self.cfg
+        t_ref = time.perf_counter()
+        if self.dyna.needs_features:
+            batch.ref_logprobs, feats = self.model.reference_logprobs_and_features(
+                batch.input_ids, batch.attention_mask, batch.n_actions, batch.action_mask, cfg.generation.temperature
+            )
+        else:
+            batch.ref_logprobs, feats = self.model.reference_logprobs(
+                batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
+            ), None
+        t_score = time.perf_counter()
+        ended = batch.ended.tolist()
+
+        def true_score(idx: list[int]):
+            return self.env.step([rows[i] for i in idx], [batch.completions[i] for i in idx], [ended[i] for i in idx], training=True)[1]
+
+        prompts = [str(r[cfg.data.prompt_field]) for r in rows]
+        scores, idx, metrics, scored = self.dyna.score_step(step, prompts, batch.completions, group, feats, true_score)
+        self.reward_calls += len(idx)
+        dev = batch.action_mask.device
+        batch.scores = torch.tensor(scores, dtype=torch.float32, device=dev)
+        # per-term values exist for the true share only; imagined rows carry NaN (logged as such)
+        terms = {}
+        for k, v in scored.terms.items():
+            t = torch.full((len(batch),), float("nan"))
+            t[idx] = torch.tensor(v, dtype=torch.float32)
+            terms[k] = t
+        batch.reward_terms = terms
+        info.update(metrics)
+        # The caller times reward as t2 − t1 and reference as t3 − t2: moving t2 by the
+        # reference forward's duration puts each where it belongs.
+        return t_ref + (time.perf_counter() - t_score)
 
     # -------------------------------------------------------------- one iteration
     def step(self) -> StepResult:
@@ -486,14 +532,19 @@ class Trainer:
             )
         t1 = time.perf_counter()
 
+        dev = batch.action_mask.device
         if dialog:
             t1 -= info.pop("time/reward")  # the turn rewards were computed inside the rollout
+            self.reward_calls += len(batch)
+        elif self.dyna is not None:
+            t2 = self._dyna_score(batch, rows, group, step, info)
         else:
             _, scored, _ = self.env.step(rows, batch.completions, batch.ended.tolist(), training=True)
-            dev = batch.action_mask.device
             batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
             batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
-        t2 = time.perf_counter()
+            self.reward_calls += len(batch)
+        if self.dyna is None:
+            t2 = time.perf_counter()
         return self.learn(batch, info, times=(t0, t1, t2), truncated=trunc)
 
     def learn(self, batch: Batch, info: dict | None = None, *, times: tuple | None = None, truncated: int = 0) -> StepResult:
@@ -501,15 +552,17 @@ class Trainer:
 
         `batch` holds this process's rollouts with their scores; `times` = (start, rollout
         done, scoring done) from `step`. Data-parallel tests call it with given rollouts.
+        Dyna's scoring already ran the reference forward (its features come from it).
         """
         cfg = self.cfg
         dist = self.dist
         step = self.step_idx + 1
         info = dict(info or {})
         t0, t1, t2 = times if times is not None else (time.perf_counter(),) * 3
-        batch.ref_logprobs = self.model.reference_logprobs(
-            batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
-        )
+        if batch.ref_logprobs is None:
+            batch.ref_logprobs = self.model.reference_logprobs(
+                batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
+            )
         beta = self.kl_ctl.value
         add_token_rewards(batch, cfg, beta)
         add_advantages(batch, cfg, beta, dist)
@@ -553,7 +606,7 @@ class Trainer:
             "step": self.step_idx,
             "reward": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            **{f"reward/{k}": float(v.mean()) for k, v in terms.items()},
+            **{f"reward/{k}": float(v.nanmean()) for k, v in terms.items()},  # Dyna: NaN = scored by the model
             "return": float(returns.mean()),
             "kl": float(kl_seq.mean()),
             "beta": beta,
@@ -569,6 +622,7 @@ class Trainer:
             "time/update": t4 - t3,
             "time/step": t4 - t0,
         }
+        m["reward_calls"] = self.reward_calls
         m.update(info)  # dialog: per-turn rewards, EOS rate per turn, user reply length, simulator time
         if batch.values is not None:
             if dist is None:
