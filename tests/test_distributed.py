@@ -91,7 +91,10 @@ def test_two_process_update_equals_one_process_update(tiny_llama, tmp_path):
             single, dist = rep["metrics_single"], rep["metrics_dist"]
             assert set(single) == set(dist), case
             for k, v in single.items():
-                assert dist[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (case, k)
+                # clip fractions count tokens past a threshold: a float-level difference in the
+                # ratio can move one token (~1/100 here) across it; every other metric is continuous
+                tol = 0.02 if k.endswith("clipfrac") else 1e-5
+                assert dist[k] == pytest.approx(v, rel=1e-4, abs=tol), (case, k)
             # the token-weighted gradient is the 1-process one
             assert rep["grad_diff_exact"] < 1e-5 * rep["grad_norm"], (case, rep["grad_diff_exact"])
         if a["tokens"] != b["tokens"]:
