@@ -1,9 +1,13 @@
 """Compare decoders on a trained run: sample, best-of-n and value-guided MCTS.
 
     python benchmarks/planners.py [--run runs/demo] [--prompts 20] [--simulations 10]
+                                  [--variant NAME=PLANNER[,key=value...] ...]
 
 best-of-n uses n = simulations, so both spend the same number of token forwards per
 generated position (n candidates in one batch vs `simulations` single-token forwards).
+Default variants: sample, best-of-n, mcts (the defaults: leaves scored by the value head)
+and mcts-reward (planner.leaf=reward: leaves scored by the run's reward on the partial
+text). `--variant` replaces them, e.g. `--variant mcts-t1=mcts,temperature=1`.
 Writes benchmarks/results/planners.json; the README quotes it.
 """
 
@@ -18,36 +22,50 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result  # noqa: E402
 
+DEFAULT = ["sample=sample", "best-of-n=best-of-n", "mcts=mcts", "mcts-reward=mcts,leaf=reward"]
+
+
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    name, _, rest = spec.partition("=")
+    planner, *sets = rest.split(",")
+    return name, planner, [f"planner.{s}" for s in sets]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--simulations", type=int, default=10)
+    ap.add_argument("--variant", action="append", default=None)
     a = ap.parse_args()
     run = Path(a.run)
     rows = []
-    for planner in ["sample", "best-of-n", "mcts"]:
-        out = run / f"bench-{planner}.json"
+    for spec in a.variant or DEFAULT:
+        name, planner, sets = parse_variant(spec)
+        out = run / f"bench-{name}.json"
         cmd = [sys.executable, "-m", "dynalm", "eval", "--run", str(run), "--planner", planner, "--out", str(out),
                "--set", f"eval.max_prompts={a.prompts}", "--set", f"planner.n={a.simulations}",
                "--set", f"planner.simulations={a.simulations}"]
+        for s in sets:
+            cmd += ["--set", s]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         ev = json.loads(out.read_text())["trained"]
-        rows.append({k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "seconds_per_sample", "forward_calls")})
+        rows.append({"variant": name, "settings": sets,
+                     **{k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "seconds_per_sample", "forward_calls")},
+                     **{k: ev[k] for k in ev if k.startswith("reward/")}})
         print(rows[-1], flush=True)
-    base = rows[0]
+    base = next((r for r in rows if r["planner"] == "sample"), rows[0])
     for r in rows:
         r["reward_gain_vs_sample"] = r["reward"] - base["reward"]
         r["time_ratio_vs_sample"] = r["seconds_per_sample"] / base["seconds_per_sample"]
     write_result("planners", {
-        "command": f"python benchmarks/planners.py --run {a.run} --prompts {a.prompts} --simulations {a.simulations}",
+        "command": "python benchmarks/planners.py " + " ".join(sys.argv[1:]),
         "machine": machine(), "run": str(run), "prompts": a.prompts, "rows": rows,
     })
-    print("| planner | eval reward | Δ vs sample | KL | distinct-2 | s / sample | × time |")
+    print("| decoder | eval reward | Δ vs sample | KL | distinct-2 | s / sample | × time |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['planner']} | {r['reward']:.4f} | {r['reward_gain_vs_sample']:+.4f} | {r['kl']:.2f} | "
+        print(f"| {r['variant']} | {r['reward']:.4f} | {r['reward_gain_vs_sample']:+.4f} | {r['kl']:.2f} | "
               f"{r['distinct2']:.3f} | {r['seconds_per_sample']:.2f} | {r['time_ratio_vs_sample']:.1f} |")
 
 

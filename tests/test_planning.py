@@ -165,6 +165,28 @@ def test_mcts_picks_the_valuable_token_that_sampling_misses(tiny_llama, prompts_
     assert max(visits, key=visits.get) == good_id
 
 
+@pytest.mark.parametrize("scale,shift", [(100.0, 5.0), (0.01, -3.0)])
+def test_normalized_q_makes_the_search_independent_of_the_value_scale(scale, shift, tiny_llama, prompts_file, monkeypatch):
+    """With planner.normalize_q, values a·V + b (a > 0) give the same tree as V."""
+    gen = {"max_new_tokens": 4, "stop_at_eos": False}
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation=gen)
+    orig = model.step_logits
+
+    def run(a, b, normalize):
+        env.rewards = Rewards(lambda c: a * 0.0 + b)  # finished leaves: the same transform of a zero reward
+        def step_logits(lm, input_ids, attention_mask, position_ids, past, want_values):
+            logits, values, past = orig(lm, input_ids, attention_mask, position_ids, past, want_values)
+            return logits, (a * values.double() + b if values is not None else None), past  # float64: no rounding ties
+
+        monkeypatch.setattr(model, "step_logits", step_logits)
+        pc = PlannerConfig(name="mcts", simulations=12, c_puct=1.0, normalize_q=normalize)
+        res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
+        return [s.visits for s in res.search[0]]
+
+    assert run(scale, shift, True) == run(1.0, 0.0, True)
+    assert run(scale, shift, False) != run(1.0, 0.0, False)  # raw Q: the scale changes the search
+
+
 def test_mcts_with_reward_leaves_needs_no_value_head(tiny_llama, prompts_file):
     """planner.leaf=reward scores unfinished leaves by the reward of the partial text: a reward
     that likes one word steers the search to it from the first token, without a value head."""

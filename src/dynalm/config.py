@@ -247,6 +247,11 @@ class PlannerConfig(_Section):
     temperature: float = Field(
         0.0, ge=0, description="mcts: 0 = emit the most visited token; >0 = sample it ∝ visits^(1/T)."
     )
+    normalize_q: bool = Field(
+        True,
+        description="mcts: rescale Q to [0, 1] by the lowest and highest leaf score seen in the tree (MuZero), so c_puct "
+        "does not depend on the reward's scale.",
+    )
     leaf: Literal["value", "reward", "mean"] = Field(
         "value",
         description="mcts: how an unfinished leaf is scored — the value head V(s), the run's reward on the partial text "

@@ -5,7 +5,9 @@ A node is a prefix, an edge a token. Expanding a node costs one incremental forw
 `kv.py`): it gives the node's value V(s) and the priors of its children — the policy's
 top-k tokens, softmax renormalised over those k. Selection is PUCT,
     Q(s,a) + c_puct · P(s,a) · sqrt(N(s)) / (1 + N(s,a)),   N(s) = Σ_b N(s,b),
-where an unvisited child's Q is its parent's own value (rewards have no fixed scale, so
+with Q rescaled to [0, 1] by the lowest and highest leaf score
+seen in the tree (MuZero's normalisation; `planner.normalize_q`), and where an unvisited
+child's Q is its parent's own value (rewards have no fixed scale, so
 Q=0 would push search toward or away from new tokens depending on their sign). A leaf is
 scored by V(leaf) (or, with `planner.leaf`, by the run's reward on the partial text, or the
 mean of both — useful when the value head is weak); a finished leaf (EOS, or the token limit) by the true reward from
@@ -99,6 +101,7 @@ class TokenMCTS:
             self.forward_passes += 1
         self.root = Node(token=None, parent=None, prior=1.0, depth=0)
         self.root.value = self._leaf_value(value, [], 0.0)
+        self.vmin = self.vmax = self.root.value  # the range of leaf scores seen, for normalize_q
         self._add_children(self.root, logits, ref_logits)
 
     # ------------------------------------------------------------------ one simulation
@@ -109,15 +112,21 @@ class TokenMCTS:
             path.append(node)
         if node.value is None:  # first visit: a forward (or a reward call when finished)
             node.value = self._evaluate(node)
+            self.vmin, self.vmax = min(self.vmin, node.value), max(self.vmax, node.value)
         for n in path:
             n.visits += 1
             n.value_sum += node.value
+
+    def _norm(self, q: float) -> float:
+        if not self.cfg.normalize_q or self.vmax <= self.vmin:
+            return q
+        return (q - self.vmin) / (self.vmax - self.vmin)
 
     def _select(self, node: Node) -> Node:
         sqrt_n = math.sqrt(sum(c.visits for c in node.children))
         best, best_score = node.children[0], -math.inf
         for c in node.children:  # strict '>' keeps ties on the higher prior
-            score = c.q(node.value) + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.visits)
+            score = self._norm(c.q(node.value)) + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.visits)
             if score > best_score:
                 best, best_score = c, score
         return best
