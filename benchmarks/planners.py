@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_result  # noqa: E402
+from common import RESULTS, machine, write_result  # noqa: E402
 
 DEFAULT = ["sample=sample", "best-of-n=best-of-n", "mcts=mcts", "mcts-reward=mcts,leaf=reward"]
 
@@ -37,9 +37,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--simulations", type=int, default=10)
     ap.add_argument("--variant", action="append", default=None)
+    ap.add_argument("--append", action="store_true", help="add these variants to the rows of the existing planners.json")
     a = ap.parse_args()
     run = Path(a.run)
-    rows = []
+    rows, commands = [], ["python benchmarks/planners.py " + " ".join(sys.argv[1:])]
+    if a.append:
+        old = json.loads((RESULTS / "planners.json").read_text())
+        if (old["run"], old["prompts"]) != (str(run), a.prompts):
+            sys.exit("--append: the existing planners.json measured another run or prompt count")
+        rows = [r for r in old["rows"]]
+        commands = old.get("commands", [old["command"]]) + commands
     for spec in a.variant or DEFAULT:
         name, planner, sets = parse_variant(spec)
         out = run / f"bench-{name}.json"
@@ -59,7 +66,7 @@ def main() -> None:
         r["reward_gain_vs_sample"] = r["reward"] - base["reward"]
         r["time_ratio_vs_sample"] = r["seconds_per_sample"] / base["seconds_per_sample"]
     write_result("planners", {
-        "command": "python benchmarks/planners.py " + " ".join(sys.argv[1:]),
+        "command": " && ".join(commands), "commands": commands,
         "machine": machine(), "run": str(run), "prompts": a.prompts, "rows": rows,
     })
     print("| decoder | eval reward | Δ vs sample | KL | distinct-2 | s / sample | × time |")
