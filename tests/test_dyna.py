@@ -161,3 +161,23 @@ def test_dyna_refuses_dialog():
 
     with pytest.raises(UserError, match="dyna works with single-turn tasks"):
         build_config({"env": {"kind": "dialog"}, "dyna": {"enabled": True}})
+
+
+def test_reference_features_come_with_the_reference_logprobs(tiny_llama, prompts_file):
+    from dynalm.models.policy import PolicyValueModel
+
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file))
+    model = PolicyValueModel.from_config(cfg)
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 10], [2, 5, 6, 7, 8, 11, 0]])
+    attn = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
+    amask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    lp, feats = model.reference_logprobs_and_features(ids, attn, 3, amask)
+    assert torch.equal(lp, model.reference_logprobs(ids, attn, 3))
+    hidden = model.lm.config.hidden_size
+    assert feats.shape == (2, 3 * hidden)
+    # row 1: its last completion token is position −2 (the final column is padding)
+    with torch.no_grad(), model.reference() as ref:
+        h = ref(input_ids=ids, attention_mask=attn, output_hidden_states=True,
+                position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).hidden_states[-1]
+    assert torch.allclose(feats[1, hidden : 2 * hidden], h[1, -2], atol=1e-5)
+    assert torch.allclose(feats[1, :hidden], h[1, -3:-1].mean(0), atol=1e-5)

@@ -41,6 +41,7 @@ class ForwardOut:
     logprobs: torch.Tensor  # [B, T] log π(a_t | s_t) of the given actions
     values: torch.Tensor | None  # [B, T] V(s_t)
     entropy: torch.Tensor | None  # [B, T]
+    hidden: torch.Tensor | None = None  # [B, L, H] last hidden layer, when asked for
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -161,14 +162,17 @@ class PolicyValueModel(nn.Module):
         else:
             yield self.ref_lm if self.ref_lm is not None else self.lm
 
-    def _run(self, lm, input_ids, attention_mask, n_actions: int, temperature: float, want_values: bool, want_entropy: bool):
+    def _run(
+        self, lm, input_ids, attention_mask, n_actions: int, temperature: float, want_values: bool, want_entropy: bool,
+        want_hidden: bool = False,
+    ):
         pos = position_ids_from_mask(attention_mask)
         with self.autocast():
             out = lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=pos,
-                output_hidden_states=want_values,
+                output_hidden_states=want_values or want_hidden,
                 use_cache=False,
                 logits_to_keep=n_actions + 1,
             )
@@ -186,7 +190,7 @@ class PolicyValueModel(nn.Module):
         if want_values:
             h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
             values = self.value_head(h.detach() if self.value_detached else h).squeeze(-1)
-        return ForwardOut(logprobs, values, entropy)
+        return ForwardOut(logprobs, values, entropy, out.hidden_states[-1].float() if want_hidden else None)
 
     def forward(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0, entropy: bool = True) -> ForwardOut:
         """Log-probs of the last `n_actions` tokens, V(s_t) before each, and entropies."""
@@ -207,20 +211,8 @@ class PolicyValueModel(nn.Module):
         same forward pass: [mean over completion tokens, last completion token, mean prompt ⊙
         mean completion] of the last hidden layer, [B, 3·hidden] (Dyna's reward-model input)."""
         with self.reference() as ref:
-            pos = position_ids_from_mask(attention_mask)
-            with self.autocast():
-                out = ref(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=pos,
-                    output_hidden_states=True,
-                    use_cache=False,
-                    logits_to_keep=n_actions + 1,
-                )
-        logits = out.logits[:, :-1].float() / temperature
-        actions = input_ids[:, -n_actions:]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        h = out.hidden_states[-1].float()
+            out = self._run(ref, input_ids, attention_mask, n_actions, temperature, False, False, want_hidden=True)
+        logprobs, h = out.logprobs, out.hidden
         comp_h = h[:, -n_actions:]
         am = action_mask.to(h.dtype)
         n = am.sum(-1, keepdim=True).clamp(min=1.0)
