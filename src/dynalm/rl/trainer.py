@@ -206,6 +206,23 @@ def _minibatch_loss(model: PolicyValueModel, mb: Batch, cfg: Config, beta: float
 
 # The loss parts reduced over processes (with the loss itself, last).
 _PARTS = ("policy_loss", "value_loss", "value_clipfrac", "entropy", "approx_kl", "clipfrac", "kl_loss")
+# What `update` reports, averaged over its optimizer steps.
+_LOGGED = (*_PARTS[:6], "grad_norm", "kl_loss")
+
+
+def _minibatches(B: int, mbs: int, epochs: int, gen: torch.Generator):
+    """Row indices of each minibatch, epoch after epoch: a fresh permutation of the B rows per
+    epoch drawn from `gen` (none when one epoch is one minibatch). Stop iterating to stop early."""
+    for _epoch in range(epochs):
+        perm = torch.randperm(B, generator=gen) if epochs > 1 or mbs < B else torch.arange(B)
+        for start in range(0, B, mbs):
+            yield perm[start : start + mbs]
+
+
+def _averaged(sums: dict[str, float], count: int) -> dict:
+    out = {k: v / count for k, v in sums.items()}
+    out["update_passes"] = count
+    return out
 
 
 def update(
@@ -223,36 +240,28 @@ def update(
         return _update_dist(model, opt, batch, cfg, beta, gen, step, dist)
     a = cfg.algorithm
     B, T = batch.action_mask.shape
-    mbs = a.minibatch_size or B
+    dev = batch.input_ids.device
     model.train()
     sums: dict[str, float] = {}
     count = 0
-    stop = False
-    for _epoch in range(a.epochs):
-        perm = torch.randperm(B, generator=gen).to(batch.input_ids.device) if a.epochs > 1 or mbs < B else torch.arange(B)
-        for start in range(0, B, mbs):
-            mb = batch.rows(perm[start : start + mbs])
-            loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
-            if _nonfinite(loss):
-                bad = ", ".join(
-                    f"{k}={float(parts[k])}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if _nonfinite(parts[k].detach())
-                )
-                raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = _clip_and_step(model, opt, cfg, step)
-            for k in (*_PARTS[:6], "grad_norm", "kl_loss"):
-                v = gnorm if k == "grad_norm" else parts[k]
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            count += 1
-            if a.target_kl is not None and float(parts["approx_kl"]) > a.target_kl:
-                stop = True
-                break
-        if stop:
+    for ids in _minibatches(B, a.minibatch_size or B, a.epochs, gen):
+        mb = batch.rows(ids.to(dev))
+        loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
+        if _nonfinite(loss):
+            bad = ", ".join(
+                f"{k}={float(parts[k])}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if _nonfinite(parts[k].detach())
+            )
+            raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = _clip_and_step(model, opt, cfg, step)
+        for k in _LOGGED:
+            v = gnorm if k == "grad_norm" else parts[k]
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        count += 1
+        if a.target_kl is not None and float(parts["approx_kl"]) > a.target_kl:
             break
-    out = {k: v / count for k, v in sums.items()}
-    out["update_passes"] = count
-    return out
+    return _averaged(sums, count)
 
 
 def _clip_and_step(model: PolicyValueModel, opt, cfg: Config, step: int) -> torch.Tensor:
@@ -290,44 +299,35 @@ def _update_dist(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: 
     model.train()
     sums: dict[str, float] = {}
     count = 0
-    stop = False
-    for _epoch in range(a.epochs):
-        perm = torch.randperm(B, generator=gen) if a.epochs > 1 or mbs < B else torch.arange(B)
-        for start in range(0, B, mbs):
-            ids = perm[start : start + mbs]
-            ids = ids[(ids >= offset) & (ids < offset + b)] - offset  # the rows of this minibatch held here
-            opt.zero_grad(set_to_none=True)
-            if len(ids):
-                mb = batch.rows(ids.to(dev))
-                loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
-                n_local = mb.action_mask.sum()
-            else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
-                loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
-            # Σ over processes of (local mean × local tokens) / global tokens = the global token mean.
-            n64 = n_local.detach().to(dev, torch.float64).reshape(1)
-            means = torch.stack([parts[k].detach().to(dev, torch.float64) for k in _PARTS] + [loss.detach().to(dev, torch.float64)])
-            tot = dist.sum(torch.cat([n64, means * n64]))  # one all-reduce for the token count and every part
-            n_global = max(float(tot[0]), 1.0)
-            glob = {k: float(v) / n_global for k, v in zip(_PARTS + ("loss",), tot[1:].tolist())}
-            if not math.isfinite(glob["loss"]):
-                bad = ", ".join(f"{k}={glob[k]}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if not math.isfinite(glob[k]))
-                raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
-            if len(ids):
-                (loss * (float(n_local) / n_global)).backward()
-            dist.sync_grads(params)
-            gnorm = _clip_and_step(model, opt, cfg, step)
-            glob["grad_norm"] = float(gnorm)
-            for k in (*_PARTS[:6], "grad_norm", "kl_loss"):
-                sums[k] = sums.get(k, 0.0) + glob[k]
-            count += 1
-            if a.target_kl is not None and glob["approx_kl"] > a.target_kl:
-                stop = True
-                break
-        if stop:
+    for ids in _minibatches(B, mbs, a.epochs, gen):
+        ids = ids[(ids >= offset) & (ids < offset + b)] - offset  # the rows of this minibatch held here
+        opt.zero_grad(set_to_none=True)
+        if len(ids):
+            mb = batch.rows(ids.to(dev))
+            loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
+            n_local = mb.action_mask.sum()
+        else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
+            loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
+        # Σ over processes of (local mean × local tokens) / global tokens = the global token mean.
+        n64 = n_local.detach().to(dev, torch.float64).reshape(1)
+        means = torch.stack([parts[k].detach().to(dev, torch.float64) for k in _PARTS] + [loss.detach().to(dev, torch.float64)])
+        tot = dist.sum(torch.cat([n64, means * n64]))  # one all-reduce for the token count and every part
+        n_global = max(float(tot[0]), 1.0)
+        glob = {k: float(v) / n_global for k, v in zip(_PARTS + ("loss",), tot[1:].tolist())}
+        if not math.isfinite(glob["loss"]):
+            bad = ", ".join(f"{k}={glob[k]}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if not math.isfinite(glob[k]))
+            raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
+        if len(ids):
+            (loss * (float(n_local) / n_global)).backward()
+        dist.sync_grads(params)
+        gnorm = _clip_and_step(model, opt, cfg, step)
+        glob["grad_norm"] = float(gnorm)
+        for k in _LOGGED:
+            sums[k] = sums.get(k, 0.0) + glob[k]
+        count += 1
+        if a.target_kl is not None and glob["approx_kl"] > a.target_kl:
             break
-    out = {k: v / count for k, v in sums.items()}
-    out["update_passes"] = count
-    return out
+    return _averaged(sums, count)
 
 
 @dataclass
