@@ -163,9 +163,16 @@ def test_planners_through_cli(tiny_llama, tmp_path, prompts_file, capsys):
                  "--max-new-tokens", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["planner"] == "mcts" and out["prompt"] == "the cat"
-    # a plain model has no value head: value-guided search says so in one line
+    # a plain model has no value head: value-guided search says so in one line, and names the fix
     assert main(["generate", "--model", str(tiny_llama), "--prompt", "x", "--planner", "mcts"]) == 2
-    assert capsys.readouterr().err.startswith("dynalm: error: ")
+    assert capsys.readouterr().err == (
+        "dynalm: error: planner 'mcts' needs a value head to score leaves "
+        "(set model.value_head: true, or use --set planner.leaf=rollout)\n"
+    )
+    # ... which works: rollout leaves need only the policy and the reward
+    assert main(["generate", "--model", str(tiny_llama), "--prompt", "x", "--planner", "mcts", "--json",
+                 "--max-new-tokens", "3", "--set", "planner.leaf=rollout", "--set", "planner.simulations=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["planner"] == "mcts"
 
 
 def test_train_rm_then_drive_a_run(tiny_llama, tmp_path, prompts_file, capsys):

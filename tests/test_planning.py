@@ -214,8 +214,9 @@ def test_mcts_with_reward_leaves_needs_no_value_head(tiny_llama, prompts_file):
         PlannerConfig(name="sample", seed=3),
         PlannerConfig(name="best-of-n", n=3, seed=3),
         PlannerConfig(name="mcts", simulations=6, top_k=5, temperature=1.0, seed=3),
+        PlannerConfig(name="mcts", leaf="rollout", simulations=4, top_k=5, seed=3),
     ],
-    ids=lambda pc: pc.name,
+    ids=lambda pc: f"{pc.name}-{pc.leaf}" if pc.name == "mcts" else pc.name,
 )
 def test_same_seed_same_output(pc, tiny_llama, prompts_file):
     cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 5})
@@ -275,3 +276,74 @@ def test_mcts_kl_term_matches_reference_logprobs(tiny_llama, prompts_file):
     assert any(abs(c.kl) > 1e-3 for c in tree.root.children)  # the perturbed adapter moved the policy
     res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
     assert res.forward_passes <= 2 * (1 + 3 * pc.simulations)
+
+
+def _walk(node):
+    yield node
+    for c in node.children:
+        yield from _walk(c)
+
+
+def test_rollout_leaves_score_whole_texts_and_keep_them_in_the_tree(tiny_llama, prompts_file):
+    """planner.leaf=rollout: each simulation ends in a finished text scored by the true reward;
+    the rollouts stay in the tree (Q = mean reward of the texts through a node); the search
+    runs once and the emitted text is the most visited path, itself one of the rollouts."""
+    T = 5
+    seen = []
+
+    def reward(c):
+        seen.append(c)
+        return len(set(c)) / 10  # a reward of the finished text only (asserted below)
+
+    cfg, model, env = _setup(
+        tiny_llama, prompts_file, reward=reward, perturb=False, generation={"max_new_tokens": T, "stop_at_eos": False},
+        model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2},
+    )
+    model.eval()
+    pc = PlannerConfig(name="mcts", leaf="rollout", simulations=9, top_k=4, c_puct=1.0)
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    for _ in range(pc.simulations):
+        tree.simulate()
+    nodes = list(_walk(tree.root))
+    finished = [n for n in nodes if n.terminal and n.visits]
+    assert tree.root.visits == pc.simulations
+    # every reward call was a whole T-token text (stop_at_eos is off), one per new finished leaf
+    assert tree.reward_calls == len(seen) == len(finished) <= pc.simulations
+    assert all(n.depth == T for n in finished)
+    # visits and value sums add up: a node's visits are its children's, its value sum theirs
+    for n in nodes:
+        if n.visits and not n.terminal:
+            assert n.visits == sum(c.visits for c in n.children)
+            assert math.isclose(n.value_sum, sum(c.value_sum for c in n.children), abs_tol=1e-9)
+    assert math.isclose(tree.root.value_sum, sum(n.value_sum for n in finished), abs_tol=1e-9)
+    # each expanded node cost one forward: the prefill plus the non-finished nodes on the rollouts
+    assert tree.forward_passes == 1 + sum(1 for n in nodes if n.children and n is not tree.root)
+
+    res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
+    steps = res.search[0]
+    assert len(steps) == T and sum(steps[0].visits.values()) == pc.simulations
+    for prev, step in zip(steps, steps[1:]):  # no search after the first token: only carried visits
+        assert sum(step.visits.values()) == step.carried == prev.visits[prev.token]
+        assert step.visits[step.token] == max(step.visits.values())
+    assert res.completions[0] in seen[-res.reward_calls:]  # the emitted text is one of its own rollouts
+    assert res.forward_passes <= 1 + pc.simulations * T
+
+
+def test_rollout_leaves_find_a_reward_that_partial_text_hides(tiny_llama, prompts_file):
+    """A reward paid only on the finished text, for a first word that is not the likeliest:
+    value-free rollout search finds it; greedy decoding does not."""
+    gen = {"max_new_tokens": 3, "stop_at_eos": False}
+    cfg, model, env = _setup(tiny_llama, prompts_file, perturb=False, generation=gen, model={"value_head": False},
+                             algorithm={"name": "grpo", "num_generations": 2})
+    tok, row = model.tokenizer, ROWS[0]
+    ids, _, _ = encode_prompts(tok, [env.reset(row)], 64, "cpu")
+    logits, _ = _full(model, ids[0].tolist())
+    top = torch.topk(logits, 6).indices.tolist()
+    good = [w for w in (tok.convert_ids_to_tokens(i) for i in top[1:]) if w != "</s>"][-1]
+    env.rewards = Rewards(lambda c: float(len(c.split()) >= 2 and c.split()[0] == good))
+    greedy = plan(model, env, [row], cfg.generation, PlannerConfig(name="greedy"), max_prompt_tokens=64)
+    assert greedy.completions[0].split()[0] != good
+    pc = PlannerConfig(name="mcts", leaf="rollout", simulations=40, top_k=6, c_puct=1.0)
+    res = plan(model, env, [row], cfg.generation, pc, max_prompt_tokens=64)
+    assert res.completions[0].split()[0] == good

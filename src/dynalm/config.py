@@ -252,10 +252,11 @@ class PlannerConfig(_Section):
         description="mcts: rescale Q to [0, 1] by the lowest and highest leaf score seen in the tree (MuZero), so c_puct "
         "does not depend on the reward's scale.",
     )
-    leaf: Literal["value", "reward", "mean"] = Field(
+    leaf: Literal["value", "reward", "mean", "rollout"] = Field(
         "value",
         description="mcts: how an unfinished leaf is scored — the value head V(s), the run's reward on the partial text "
-        "(one reward call per leaf, no value head needed), or the mean of the two.",
+        "(one reward call per leaf, no value head needed), the mean of the two, or `rollout`: the true reward of one "
+        "completion sampled from the leaf (kept in the tree; the search then runs once, before the first token).",
     )
     kl_coef: float = Field(
         0.0, ge=0, description="mcts: add −kl_coef·Σ(log π − log π_ref) along the path to leaf values (PPO-MCTS); 0 = off."

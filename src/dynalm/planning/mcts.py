@@ -9,8 +9,8 @@ with Q rescaled to [0, 1] by the lowest and highest leaf score
 seen in the tree (MuZero's normalisation; `planner.normalize_q`), and where an unvisited
 child's Q is its parent's own value (rewards have no fixed scale, so
 Q=0 would push search toward or away from new tokens depending on their sign). A leaf is
-scored by V(leaf) (or, with `planner.leaf`, by the run's reward on the partial text, or the
-mean of both — useful when the value head is weak); a finished leaf (EOS, or the token limit) by the true reward from
+scored by V(leaf) (or, with `planner.leaf`, by the run's reward on the partial text, the
+mean of both, or a rollout — see below); a finished leaf (EOS, or the token limit) by the true reward from
 `env.step` instead (once per leaf: rewards are taken to be deterministic). Values are
 backed up along the path; Q is their mean. Priors and the KL term use
 generation.temperature; generation.top_k/top_p do not apply (the planner's top_k does).
@@ -22,6 +22,17 @@ After `simulations` simulations the emitted token is the most visited child of t
 (or one sampled ∝ N^(1/T)). The root then moves to that child and KEEPS its subtree:
 its children start with the visits they already had, so after each search the root's
 child visits sum to `carried + simulations` (`StepStats` records both).
+
+`planner.leaf: rollout` is classic MCTS with playouts, for when no value head predicts the
+reward (a critic-free run, or a reward the head cannot read off the hidden states): a new
+leaf is completed by sampling from the priors down to a finished node, and the true reward
+of that whole text is the leaf's score. The rollout's nodes are expanded by the forwards
+that sampled them and stay in the tree, so a node's Q is the mean reward of the finished
+texts through it, and later simulations branch off earlier rollouts. Since each simulation
+already reaches the end, the search runs once, before the first token; the emitted text is
+then the most visited path (visit ties go to the higher Q), itself one of the rollouts.
+Cost: at most `simulations` rollouts, i.e. ≤ simulations × max_new_tokens one-token
+forwards and `simulations` reward calls per completion.
 """
 
 from __future__ import annotations
@@ -79,9 +90,10 @@ class TokenMCTS:
         cfg: PlannerConfig,
         rng: random.Random | None = None,  # needed only when cfg.temperature > 0
     ):
-        if model.value_head is None and cfg.leaf != "reward":
+        if model.value_head is None and cfg.leaf in ("value", "mean"):
             raise UserError(
-                "planner 'mcts' needs a value head to score leaves", "set model.value_head: true, or use --set planner.leaf=reward"
+                "planner 'mcts' needs a value head to score leaves",
+                "set model.value_head: true, or use --set planner.leaf=rollout",
             )
         self.model, self.env, self.row, self.gen, self.cfg = model, env, row, gen, cfg
         self.rng = rng if rng is not None else random.Random(cfg.seed)
@@ -91,7 +103,8 @@ class TokenMCTS:
         self.reward_calls = 0
         self.committed: list[int] = []  # tokens emitted so far (the path from the prompt to the root)
         # The prompt: one prefill with the policy (and the reference for the KL term).
-        self.want_values = cfg.leaf != "reward"
+        self.rollout = cfg.leaf == "rollout"
+        self.want_values = cfg.leaf in ("value", "mean")
         logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=self.want_values)
         self.forward_passes += 1
         ref_logits, self.root_ref_kv = None, None
@@ -100,8 +113,11 @@ class TokenMCTS:
                 ref_logits, _, self.root_ref_kv = kvx.prefill(model, ref, prompt_ids, want_values=False)
             self.forward_passes += 1
         self.root = Node(token=None, parent=None, prior=1.0, depth=0)
-        self.root.value = self._leaf_value(value, [], 0.0)
-        self.vmin = self.vmax = self.root.value  # the range of leaf scores seen, for normalize_q
+        if self.rollout:  # no score before the first rollout; unvisited children default to the parent's mean
+            self.vmin, self.vmax = math.inf, -math.inf
+        else:
+            self.root.value = self._leaf_value(value, [], 0.0)
+            self.vmin = self.vmax = self.root.value  # the range of leaf scores seen, for normalize_q
         self._add_children(self.root, logits, ref_logits)
 
     # ------------------------------------------------------------------ one simulation
@@ -111,7 +127,11 @@ class TokenMCTS:
             node = self._select(node)
             path.append(node)
         if node.value is None:  # first visit: a forward (or a reward call when finished)
-            node.value = self._evaluate(node)
+            if self.rollout and not node.terminal:
+                path += self._rollout(node)  # ends at a finished node, which holds the reward
+                node = path[-1]
+            else:
+                node.value = self._evaluate(node)
             self.vmin, self.vmax = min(self.vmin, node.value), max(self.vmax, node.value)
         for n in path:
             n.visits += 1
@@ -124,9 +144,10 @@ class TokenMCTS:
 
     def _select(self, node: Node) -> Node:
         sqrt_n = math.sqrt(sum(c.visits for c in node.children))
+        default = node.value if node.value is not None else node.q(0.0)
         best, best_score = node.children[0], -math.inf
         for c in node.children:  # strict '>' keeps ties on the higher prior
-            score = self._norm(c.q(node.value)) + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.visits)
+            score = self._norm(c.q(default)) + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.visits)
             if score > best_score:
                 best, best_score = c, score
         return best
@@ -143,7 +164,31 @@ class TokenMCTS:
         path = self._path(node)
         if node.terminal:
             return self._reward(self.committed + [n.token for n in path], node.ended) - node.kl
-        # One incremental forward of the node's token over root + ancestors' K/V.
+        value = self._expand(node, path)
+        return self._leaf_value(value, self.committed + [n.token for n in path], node.kl)
+
+    def _rollout(self, node: Node) -> list[Node]:
+        """planner.leaf=rollout: complete `node`'s prefix by sampling from the priors (the policy's
+        top-k, renormalised) down to a finished node, which is scored by the true reward. Every
+        node on the way is expanded by the forward that sampled from it, so the rollout stays
+        in the tree as a chain and later simulations branch off it for free. Returns the chain
+        below `node`; each of its nodes keeps the rollout's score as its own value."""
+        path = self._path(node)
+        chain = []
+        while not node.terminal:
+            self._expand(node, path)
+            weights = [c.prior for c in node.children]
+            node = self.rng.choices(node.children, weights=weights)[0]
+            path.append(node)
+            chain.append(node)
+        value = self._reward(self.committed + [n.token for n in path], node.ended) - node.kl
+        for n in path[len(path) - len(chain) - 1 :]:
+            n.value = value
+        return chain
+
+    def _expand(self, node: Node, path: list[Node]):
+        """One incremental forward of the node's token over root + ancestors' K/V: adds its
+        children and returns V(node) (None without a value head)."""
         m = self.model
         prefix = kvx.join(self.root_kv, [n.kv for n in path[:-1]])
         logits, value, node.kv = kvx.extend(m, m.lm, prefix, node.token, self.want_values)
@@ -155,7 +200,7 @@ class TokenMCTS:
                 ref_logits, _, node.ref_kv = kvx.extend(m, ref, prefix, node.token, False)
             self.forward_passes += 1
         self._add_children(node, logits, ref_logits)
-        return self._leaf_value(value, self.committed + [n.token for n in path], node.kl)
+        return value
 
     def _leaf_value(self, value, tokens: list[int], kl: float) -> float:
         """An unfinished leaf's score: V(s), the reward of the partial text, or their mean; minus the KL term."""
@@ -189,6 +234,8 @@ class TokenMCTS:
     def choose(self) -> Node:
         kids = self.root.children
         if self.cfg.temperature == 0:
+            if self.rollout:  # below the first branchings most nodes hold one visit: ties go to the better rollout
+                return max(kids, key=lambda c: (c.visits, c.q(-math.inf)))
             return max(kids, key=lambda c: c.visits)  # first max = higher prior on ties
         top = max(c.visits for c in kids)  # scale to ≤ 1 so a small T cannot overflow
         weights = [(c.visits / top) ** (1.0 / self.cfg.temperature) for c in kids]
@@ -206,10 +253,16 @@ class TokenMCTS:
 
     def run(self) -> tuple[list[int], bool, list[StepStats]]:
         stats = []
+        first = True
         while True:
             carried = sum(c.visits for c in self.root.children)
-            for _ in range(self.cfg.simulations):
+            # Rollout leaves: every simulation already ends in a finished text, so one search
+            # before the first token builds the whole tree; the emitted text then follows its
+            # most visited path (re-searching after every token would cost `simulations`
+            # rollouts per token).
+            for _ in range(self.cfg.simulations if first or not self.rollout else 0):
                 self.simulate()
+            first = False
             child = self.choose()
             stats.append(StepStats(child.token, {c.token: c.visits for c in self.root.children}, carried))
             if child.terminal:
