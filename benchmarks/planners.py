@@ -5,10 +5,10 @@
 
 best-of-n uses n = simulations, so both spend the same number of token forwards per
 generated position (n candidates in one batch vs `simulations` single-token forwards).
-Default variants: sample, best-of-n, mcts (the defaults: leaves scored by the value head)
-and mcts-reward (planner.leaf=reward: leaves scored by the run's reward on the partial
-text). `--variant` replaces them, e.g. `--variant mcts-t1=mcts,temperature=1`.
-Writes benchmarks/results/planners.json; the README quotes it.
+Default variants: sample, best-of-n, mcts (the run's own planner settings) and mcts-reward
+(planner.leaf=reward: leaves scored by the run's reward on the partial text). `--variant`
+replaces them, e.g. `--variant mcts-t1=mcts,temperature=1`. `--prompts 0` uses the whole
+eval split. Writes benchmarks/results/NAME.json (default planners.json); the README quotes it.
 """
 
 from __future__ import annotations
@@ -37,21 +37,22 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--simulations", type=int, default=10)
     ap.add_argument("--variant", action="append", default=None)
-    ap.add_argument("--append", action="store_true", help="add these variants to the rows of the existing planners.json")
+    ap.add_argument("--append", action="store_true", help="add these variants to the rows of the existing result file")
+    ap.add_argument("--name", default="planners", help="result file: benchmarks/results/NAME.json")
     a = ap.parse_args()
     run = Path(a.run)
     rows, commands = [], ["python benchmarks/planners.py " + " ".join(sys.argv[1:])]
     if a.append:
-        old = json.loads((RESULTS / "planners.json").read_text())
+        old = json.loads((RESULTS / f"{a.name}.json").read_text())
         if (old["run"], old["prompts"]) != (str(run), a.prompts):
-            sys.exit("--append: the existing planners.json measured another run or prompt count")
+            sys.exit(f"--append: the existing {a.name}.json measured another run or prompt count")
         rows = [r for r in old["rows"]]
         commands = old.get("commands", [old["command"]]) + commands
     for spec in a.variant or DEFAULT:
         name, planner, sets = parse_variant(spec)
         out = run / f"bench-{name}.json"
         cmd = [sys.executable, "-m", "dynalm", "eval", "--run", str(run), "--planner", planner, "--out", str(out),
-               "--set", f"eval.max_prompts={a.prompts}", "--set", f"planner.n={a.simulations}",
+               "--set", f"eval.max_prompts={a.prompts or 'null'}", "--set", f"planner.n={a.simulations}",
                "--set", f"planner.simulations={a.simulations}"]
         for s in sets:
             cmd += ["--set", s]
@@ -65,7 +66,7 @@ def main() -> None:
     for r in rows:
         r["reward_gain_vs_sample"] = r["reward"] - base["reward"]
         r["time_ratio_vs_sample"] = r["seconds_per_sample"] / base["seconds_per_sample"]
-    write_result("planners", {
+    write_result(a.name, {
         "command": " && ".join(commands), "commands": commands,
         "machine": machine(), "run": str(run), "prompts": a.prompts, "rows": rows,
     })
