@@ -330,6 +330,30 @@ def test_rollout_leaves_score_whole_texts_and_keep_them_in_the_tree(tiny_llama, 
     assert res.forward_passes <= 1 + pc.simulations * T
 
 
+def test_rollout_leaves_subtract_the_path_kl(tiny_llama, prompts_file):
+    """With kl_coef > 0 a rollout's score is its text's reward minus kl_coef·Σ(log π − log π_ref)
+    over all of its tokens, the ones sampled during the rollout included."""
+    from dynalm.planning.mcts import decode
+
+    T, fn = 4, lambda c: len(c) / 10  # noqa: E731
+    cfg, model, env = _setup(tiny_llama, prompts_file, reward=fn, generation={"max_new_tokens": T, "stop_at_eos": False})
+    model.eval()
+    pc = PlannerConfig(name="mcts", leaf="rollout", simulations=5, top_k=4, kl_coef=0.5)
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    for _ in range(pc.simulations):
+        tree.simulate()
+    finished = [n for n in _walk(tree.root) if n.terminal and n.visits]
+    assert finished
+    for leaf in finished:
+        tokens = [n.token for n in tree._path(leaf)]
+        full = torch.cat([ids, torch.tensor([tokens])], 1)
+        lp = model(full, torch.ones_like(full), T, entropy=False).logprobs.sum().item()
+        ref = model.reference_logprobs(full, torch.ones_like(full), T).sum().item()
+        assert abs(leaf.kl - 0.5 * (lp - ref)) < 1e-4 and abs(leaf.kl) > 1e-3
+        assert math.isclose(leaf.value, fn(decode(model.tokenizer, tokens, False)) - leaf.kl, abs_tol=1e-9)
+
+
 def test_rollout_leaves_find_a_reward_that_partial_text_hides(tiny_llama, prompts_file):
     """A reward paid only on the finished text, for a first word that is not the likeliest:
     value-free rollout search finds it; greedy decoding does not."""
