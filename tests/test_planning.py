@@ -371,3 +371,13 @@ def test_rollout_leaves_find_a_reward_that_partial_text_hides(tiny_llama, prompt
     pc = PlannerConfig(name="mcts", leaf="rollout", simulations=40, top_k=6, c_puct=1.0)
     res = plan(model, env, [row], cfg.generation, pc, max_prompt_tokens=64)
     assert res.completions[0].split()[0] == good
+
+
+@pytest.mark.parametrize("name", ["sample", "best-of-n", "mcts"])
+def test_plan_reports_progress_per_finished_row(name, tiny_llama, prompts_file):
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3})
+    done = []
+    res = plan(model, env, ROWS, cfg.generation, PlannerConfig(name=name, n=2, simulations=3, top_k=3),
+               max_prompt_tokens=64, on_done=done.append)
+    assert len(res.completions) == len(ROWS)
+    assert done == ([1] * len(ROWS) if name == "mcts" else [len(ROWS)])  # mcts: one row at a time

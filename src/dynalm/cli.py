@@ -8,6 +8,7 @@ mistake, a diverged run) is printed by rank 0 alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -150,6 +151,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _eval_progress(cfg, rows: list, *, sides: int, planner: str):
+    """A progress bar on stderr for text evals (mcts takes seconds per completion); yields advance(k)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    n = len(rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows) * cfg.eval.samples_per_prompt * sides
+    show = cfg.log.progress and cfg.env.kind != "dialog"
+    with Progress(
+        TextColumn(f"eval ({planner})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=not show, transient=True,
+    ) as bar:
+        task = bar.add_task("eval", total=n)
+        yield lambda k: bar.advance(task, k)
+
+
 def cmd_eval(args) -> int:
     from .checkpoint import write_text_atomic
     from .evaluate import evaluate, summary_table
@@ -163,11 +180,11 @@ def cmd_eval(args) -> int:
     if rows is None:
         raise UserError("no eval data: data.eval is empty", "set data.eval in the config or with --set")
     planner = args.planner or cfg.planner.name
+    base = bool(args.run) and planner == "sample"  # base vs trained; other planners: the trained side alone
+    with _eval_progress(cfg, rows, sides=2 if base else 1, planner=planner) as advance:
+        result = evaluate(model, rows, cfg, base=base, trained=True, planner=planner, progress=advance)
     if not args.run:  # a bare model: one side, decoded with the planner
-        result = evaluate(model, rows, cfg, base=False, trained=True, planner=planner)
         result["model"] = result.pop("trained")
-    else:
-        result = evaluate(model, rows, cfg, base=planner == "sample", trained=True, planner=planner)
     if args.run:
         name = "eval.json" if planner == "sample" else f"eval-{planner}.json"
         write_text_atomic(Path(args.run) / name, json.dumps(result, indent=2, ensure_ascii=False))

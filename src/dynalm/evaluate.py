@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -34,14 +35,18 @@ def _assemble(prompt_ids, prompt_mask, token_lists, pad: int):
 
 @torch.no_grad()
 def evaluate_side(
-    model: PolicyValueModel, env: TextEnv, rows: list[dict], cfg: Config, *, use_reference: bool, planner: str | None = None
+    model: PolicyValueModel, env: TextEnv, rows: list[dict], cfg: Config, *, use_reference: bool, planner: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Decode on `rows` with the policy (or the reference) and score the completions.
 
     `planner` (default cfg.planner.name) picks the decoder: plain sampling, greedy,
     best-of-n or mcts (see dynalm.planning); planners other than sampling need the policy.
+    `progress(k)` is told each time k more completions are decoded.
     """
     from .planning import plan
+
+    progress = progress or (lambda k: None)
 
     e = cfg.eval
     pcfg = cfg.planner.model_copy(update={"name": planner or cfg.planner.name})
@@ -62,8 +67,10 @@ def evaluate_side(
             comps = decode_completions(model.tokenizer, ids, amask, end)
             end = end.tolist()
             passes += amask.shape[1]
+            progress(len(chunk))
         else:
-            res = plan(model, env, chunk, cfg.generation, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen)
+            res = plan(model, env, chunk, cfg.generation, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen,
+                       on_done=progress)
             comps, end, passes = res.completions, res.ended, passes + res.forward_passes
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
             ids, attn, amask = _assemble(p_ids, p_mask, res.token_ids, pad)
@@ -107,9 +114,11 @@ def evaluate_side(
 
 
 def evaluate(
-    model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bool = True, trained: bool = True, planner: str | None = None
+    model: PolicyValueModel, rows: list[dict], cfg: Config, *, base: bool = True, trained: bool = True, planner: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Base (the reference, plain sampling) and/or trained policy (with `planner`) on `rows`."""
+    """Base (the reference, plain sampling) and/or trained policy (with `planner`) on `rows`.
+    `progress(k)`: k more completions decoded (text tasks; a dialog eval does not report)."""
     if cfg.env.kind == "dialog":  # multi-turn episodes with a simulated user: envs/dialog.py
         from .envs.dialog import evaluate_dialog
 
@@ -119,9 +128,9 @@ def evaluate(
         rows = rows[: cfg.eval.max_prompts]
     out: dict = {"n_prompts": len(rows)}
     if base:
-        out["base"] = evaluate_side(model, env, rows, cfg, use_reference=True, planner="sample")
+        out["base"] = evaluate_side(model, env, rows, cfg, use_reference=True, planner="sample", progress=progress)
     if trained:
-        out["trained"] = evaluate_side(model, env, rows, cfg, use_reference=False, planner=planner)
+        out["trained"] = evaluate_side(model, env, rows, cfg, use_reference=False, planner=planner, progress=progress)
     if base and trained:
         out["delta_reward"] = out["trained"]["reward"] - out["base"]["reward"]
     return out

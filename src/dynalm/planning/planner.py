@@ -9,6 +9,7 @@ node (two with the KL term: policy and reference) plus the prompt's prefill.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,15 @@ def plan(
     *,
     max_prompt_tokens: int,
     generator: torch.Generator | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> PlanResult:
     """Complete each row's prompt (`env.reset(row)`) with the configured planner.
 
     `generator` drives sample / greedy / best-of-n (default: seeded with planner_cfg.seed);
-    mcts draws only from its own `random.Random(planner_cfg.seed)`, when temperature > 0.
+    mcts draws only from its own `random.Random(planner_cfg.seed)` (visit sampling, rollouts).
+    `on_done(k)` is told each time k more rows are finished (per row for mcts: a progress bar).
     """
+    on_done = on_done or (lambda k: None)
     if generator is None:
         generator = torch.Generator(device=model.device).manual_seed(planner_cfg.seed)
     states = [env.reset(r) for r in rows]
@@ -62,14 +66,17 @@ def plan(
         out, _, amask, _, _, ended = sample(
             model, ids, mask, gen_cfg, generator=generator, with_values=False, greedy=name == "greedy"
         )
+        on_done(len(rows))
         # sample() makes one step_logits call per generated position
         return PlanResult(
             decode_completions(model.tokenizer, out, amask, ended), ended.tolist(), amask.shape[1], _token_lists(out, amask)
         )
     if name == "best-of-n":
-        return _best_of_n(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, generator)
+        res = _best_of_n(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, generator)
+        on_done(len(rows))
+        return res
     if name == "mcts":
-        return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens)
+        return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, on_done)
     raise ValueError(f"unknown planner {name!r}")
 
 
@@ -108,7 +115,7 @@ def _best_of_n(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tok
     )
 
 
-def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens) -> PlanResult:
+def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens, on_done) -> PlanResult:
     rng = random.Random(cfg.seed)  # only used when cfg.temperature > 0
     was_training = model.training
     model.eval()
@@ -124,6 +131,7 @@ def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens) 
             search.append(stats)
             passes += tree.forward_passes
             calls += tree.reward_calls
+            on_done(1)
     finally:
         model.train(was_training)
     return PlanResult(completions, ended, passes, token_ids, search=search, reward_calls=calls)
