@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=None)
     ap.add_argument("--append", action="store_true", help="add these variants to the rows of the existing result file")
     ap.add_argument("--name", default="planners", help="result file: benchmarks/results/NAME.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read RUN/bench-VARIANT.json where it exists instead of evaluating again (same command earlier)")
     a = ap.parse_args()
     run = Path(a.run)
     rows, commands = [], ["python benchmarks/planners.py " + " ".join(sys.argv[1:])]
@@ -48,6 +50,9 @@ def main() -> None:
             sys.exit(f"--append: the existing {a.name}.json measured another run or prompt count")
         rows = [r for r in old["rows"]]
         commands = old.get("commands", [old["command"]]) + commands
+    elif a.reuse and (RESULTS / f"{a.name}.json").is_file():  # the commands that measured the reused files come first
+        old = json.loads((RESULTS / f"{a.name}.json").read_text())
+        commands = old.get("commands", [old["command"]]) + commands
     for spec in a.variant or DEFAULT:
         name, planner, sets = parse_variant(spec)
         out = run / f"bench-{name}.json"
@@ -56,24 +61,31 @@ def main() -> None:
                "--set", f"planner.simulations={a.simulations}"]
         for s in sets:
             cmd += ["--set", s]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        if not (a.reuse and out.is_file()):
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         ev = json.loads(out.read_text())["trained"]
+        if ev["planner"] != planner or (a.prompts and ev["n"] != a.prompts):
+            sys.exit(f"{out} holds another planner or prompt count: run without --reuse")
         rows.append({"variant": name, "settings": sets,
                      **{k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "seconds_per_sample", "forward_calls")},
-                     **{k: ev[k] for k in ev if k.startswith("reward/")}})
-        print(rows[-1], flush=True)
+                     **{k: ev[k] for k in ev if k.startswith("reward/")},
+                     "sample_rewards": [x["reward"] for x in ev["samples"]]})
+        print({k: v for k, v in rows[-1].items() if k != "sample_rewards"}, flush=True)
     base = next((r for r in rows if r["planner"] == "sample"), rows[0])
     for r in rows:
         r["reward_gain_vs_sample"] = r["reward"] - base["reward"]
         r["time_ratio_vs_sample"] = r["seconds_per_sample"] / base["seconds_per_sample"]
+        if "sample_rewards" in r and "sample_rewards" in base:  # same prompts, same order: paired
+            r["prompts_better_than_sample"] = sum(x > y for x, y in zip(r["sample_rewards"], base["sample_rewards"]))
     write_result(a.name, {
         "command": " && ".join(commands), "commands": commands,
         "machine": machine(), "run": str(run), "prompts": a.prompts, "rows": rows,
     })
-    print("| decoder | eval reward | Δ vs sample | KL | distinct-2 | s / sample | × time |")
-    print("|---|---|---|---|---|---|---|")
+    print("| decoder | eval reward | Δ vs sample | prompts better | KL | distinct-2 | s / sample | × time |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['reward']:.4f} | {r['reward_gain_vs_sample']:+.4f} | {r['kl']:.2f} | "
+        better = f"{r['prompts_better_than_sample']}/{len(r['sample_rewards'])}" if "prompts_better_than_sample" in r else "–"
+        print(f"| {r['variant']} | {r['reward']:.4f} | {r['reward_gain_vs_sample']:+.4f} | {better} | {r['kl']:.2f} | "
               f"{r['distinct2']:.3f} | {r['seconds_per_sample']:.2f} | {r['time_ratio_vs_sample']:.1f} |")
 
 
