@@ -63,8 +63,10 @@ def main() -> None:
             cmd += ["--set", s]
         if not (a.reuse and out.is_file()):
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        ev = json.loads(out.read_text())["trained"]
-        if ev["planner"] != planner or (a.prompts and ev["n"] != a.prompts):
+        full = json.loads(out.read_text())
+        ev = full["trained"]
+        # --reuse trusts that the file came from this command; it checks what the file records
+        if ev["planner"] != planner or (a.prompts and full["n_prompts"] != a.prompts):
             sys.exit(f"{out} holds another planner or prompt count: run without --reuse")
         rows.append({"variant": name, "settings": sets,
                      **{k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "seconds_per_sample", "forward_calls")},

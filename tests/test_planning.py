@@ -381,3 +381,33 @@ def test_plan_reports_progress_per_finished_row(name, tiny_llama, prompts_file):
                max_prompt_tokens=64, on_done=done.append)
     assert len(res.completions) == len(ROWS)
     assert done == ([1] * len(ROWS) if name == "mcts" else [len(ROWS)])  # mcts: one row at a time
+
+
+def test_mcts_eval_does_not_depend_on_the_batch_size(tiny_llama, prompts_file):
+    """Chunks of an eval continue one random stream: a repeated prompt is not replayed, and
+    eval.batch_size changes nothing (it used to restart the stream at every chunk)."""
+    from dynalm.evaluate import evaluate_side
+
+    rows = [ROWS[0], ROWS[1], ROWS[0], ROWS[0]]
+    outs = []
+    for bs in (1, 4):
+        cfg, model, env = _setup(
+            tiny_llama, prompts_file, generation={"max_new_tokens": 4, "stop_at_eos": False},
+            eval={"batch_size": bs}, planner={"name": "mcts", "leaf": "rollout", "simulations": 2, "top_k": 8},
+        )
+        outs.append([s["completion"] for s in evaluate_side(model, env, rows, cfg, use_reference=False)["samples"]])
+    assert outs[0] == outs[1]
+    assert len({outs[0][0], outs[0][2], outs[0][3]}) > 1  # the same prompt, three different searches
+
+
+def test_rollout_emission_breaks_visit_ties_by_q(tiny_llama, prompts_file):
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3, "stop_at_eos": False})
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    for leaf, expect in (("rollout", 2), ("value", 0)):  # value leaves keep ties on the higher prior
+        tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, PlannerConfig(name="mcts", leaf=leaf), None)
+        kids = tree.root.children
+        for c, (n, total) in zip(kids[:3], [(1, 0.2), (1, 0.5), (1, 0.9)]):
+            c.visits, c.value_sum = n, total
+        assert tree.choose() is kids[expect]
+        kids[0].visits, kids[0].value_sum = 2, 0.4  # more visits win over a higher Q
+        assert tree.choose() is kids[0]

@@ -5,6 +5,7 @@ base model (the reference) side by side, sampled with the same seed."""
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 
@@ -51,6 +52,7 @@ def evaluate_side(
     e = cfg.eval
     pcfg = cfg.planner.model_copy(update={"name": planner or cfg.planner.name})
     gen = torch.Generator(device=model.device).manual_seed(e.seed)
+    mcts_rng = random.Random(pcfg.seed)  # one stream over all chunks: the result does not depend on eval.batch_size
     rows = [r for r in rows for _ in range(e.samples_per_prompt)]
     prompts, completions, terms, scores = [], [], {}, []
     kl_sum, ref_nll, n_tok, lengths, ended, passes = [], 0.0, 0.0, [], [], 0
@@ -70,7 +72,7 @@ def evaluate_side(
             progress(len(chunk))
         else:
             res = plan(model, env, chunk, cfg.generation, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen,
-                       on_done=progress)
+                       on_done=progress, rng=mcts_rng)
             comps, end, passes = res.completions, res.ended, passes + res.forward_passes
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
             ids, attn, amask = _assemble(p_ids, p_mask, res.token_ids, pad)

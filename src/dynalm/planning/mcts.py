@@ -113,7 +113,10 @@ class TokenMCTS:
                 ref_logits, _, self.root_ref_kv = kvx.prefill(model, ref, prompt_ids, want_values=False)
             self.forward_passes += 1
         self.root = Node(token=None, parent=None, prior=1.0, depth=0)
-        if self.rollout:  # no score before the first rollout; unvisited children default to the parent's mean
+        # Rollout leaves: no score before the first rollout. An unvisited child's Q defaults to its
+        # parent's own score: at the root the mean so far, below it the reward of the rollout
+        # that first reached the parent.
+        if self.rollout:
             self.vmin, self.vmax = math.inf, -math.inf
         else:
             self.root.value = self._leaf_value(value, [], 0.0)

@@ -49,11 +49,14 @@ def plan(
     max_prompt_tokens: int,
     generator: torch.Generator | None = None,
     on_done: Callable[[int], None] | None = None,
+    rng: random.Random | None = None,
 ) -> PlanResult:
     """Complete each row's prompt (`env.reset(row)`) with the configured planner.
 
     `generator` drives sample / greedy / best-of-n (default: seeded with planner_cfg.seed);
-    mcts draws only from its own `random.Random(planner_cfg.seed)` (visit sampling, rollouts).
+    mcts draws only from `rng` (visit sampling, rollouts; default: a fresh
+    `random.Random(planner_cfg.seed)`) — pass the same `rng` to successive calls over chunks
+    of rows so that they continue one stream rather than replay it.
     `on_done(k)` is told each time k more rows are finished (per row for mcts: a progress bar).
     """
     on_done = on_done or (lambda k: None)
@@ -76,7 +79,7 @@ def plan(
         on_done(len(rows))
         return res
     if name == "mcts":
-        return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, on_done)
+        return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, on_done, rng)
     raise ValueError(f"unknown planner {name!r}")
 
 
@@ -115,8 +118,8 @@ def _best_of_n(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tok
     )
 
 
-def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens, on_done) -> PlanResult:
-    rng = random.Random(cfg.seed)  # only used when cfg.temperature > 0
+def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens, on_done, rng) -> PlanResult:
+    rng = rng if rng is not None else random.Random(cfg.seed)  # rows draw from it one after another
     was_training = model.training
     model.eval()
     completions, ended, search, passes, calls, token_ids = [], [], [], 0, 0, []
