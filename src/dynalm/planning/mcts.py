@@ -88,7 +88,7 @@ class TokenMCTS:
         prompt_ids: torch.Tensor,  # [1, P], unpadded
         gen: GenerationConfig,
         cfg: PlannerConfig,
-        rng: random.Random | None = None,  # needed only when cfg.temperature > 0
+        rng: random.Random | None = None,  # for rollouts and for sampling the emitted token (temperature > 0)
     ):
         if model.value_head is None and cfg.leaf in ("value", "mean"):
             raise UserError(
@@ -176,8 +176,7 @@ class TokenMCTS:
         node on the way is expanded by the forward that sampled from it, so the rollout stays
         in the tree as a chain and later simulations branch off it for free. Returns the chain
         below `node`; each of its nodes keeps the rollout's score as its own value."""
-        path = self._path(node)
-        chain = []
+        start, path, chain = node, self._path(node), []
         while not node.terminal:
             self._expand(node, path)
             weights = [c.prior for c in node.children]
@@ -185,7 +184,7 @@ class TokenMCTS:
             path.append(node)
             chain.append(node)
         value = self._reward(self.committed + [n.token for n in path], node.ended) - node.kl
-        for n in path[len(path) - len(chain) - 1 :]:
+        for n in [start, *chain]:
             n.value = value
         return chain
 
@@ -256,16 +255,14 @@ class TokenMCTS:
 
     def run(self) -> tuple[list[int], bool, list[StepStats]]:
         stats = []
-        first = True
         while True:
             carried = sum(c.visits for c in self.root.children)
             # Rollout leaves: every simulation already ends in a finished text, so one search
             # before the first token builds the whole tree; the emitted text then follows its
             # most visited path (re-searching after every token would cost `simulations`
             # rollouts per token).
-            for _ in range(self.cfg.simulations if first or not self.rollout else 0):
+            for _ in range(0 if self.rollout and stats else self.cfg.simulations):
                 self.simulate()
-            first = False
             child = self.choose()
             stats.append(StepStats(child.token, {c.token: c.visits for c in self.root.children}, carried))
             if child.terminal:
