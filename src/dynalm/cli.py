@@ -157,7 +157,9 @@ def _eval_progress(cfg, rows: list, *, sides: int, planner: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    n = len(rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows) * cfg.eval.samples_per_prompt * sides
+    from .evaluate import limit_rows
+
+    n = len(limit_rows(rows, cfg)) * cfg.eval.samples_per_prompt * sides
     show = cfg.log.progress and cfg.env.kind != "dialog"
     with Progress(
         TextColumn(f"eval ({planner})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),

@@ -34,6 +34,11 @@ def _assemble(prompt_ids, prompt_mask, token_lists, pad: int):
     return ids, attn, amask
 
 
+def limit_rows(rows: list[dict], cfg: Config) -> list[dict]:
+    """The eval prompts an eval uses: the first `eval.max_prompts` (all when null)."""
+    return rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
+
+
 @torch.no_grad()
 def evaluate_side(
     model: PolicyValueModel, env: TextEnv, rows: list[dict], cfg: Config, *, use_reference: bool, planner: str | None = None,
@@ -126,8 +131,7 @@ def evaluate(
 
         return evaluate_dialog(model, rows, cfg, base=base, trained=trained, planner=planner)
     env = TextEnv(cfg, model.tokenizer)
-    if cfg.eval.max_prompts:
-        rows = rows[: cfg.eval.max_prompts]
+    rows = limit_rows(rows, cfg)
     out: dict = {"n_prompts": len(rows)}
     if base:
         out["base"] = evaluate_side(model, env, rows, cfg, use_reference=True, planner="sample", progress=progress)

@@ -477,9 +477,10 @@ def evaluate_dialog(
         raise UserError(
             f"planner '{name}' is not available for dialogs", "use planner 'sample' or 'best-of-n' with env.kind: dialog"
         )
+    from ..evaluate import limit_rows
+
     env = DialogEnv(cfg, model)
-    if cfg.eval.max_prompts:
-        rows = rows[: cfg.eval.max_prompts]
+    rows = limit_rows(rows, cfg)
     out: dict = {"n_prompts": len(rows)}
     if name == "best-of-n":  # turn-level lookahead through the user simulator (planning/dialog.py)
         out["trained"] = _planned_side(model, env, rows, cfg)
