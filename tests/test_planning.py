@@ -57,6 +57,16 @@ def _full(model, tokens: list[int]):
     return out.logits[0, -1], v
 
 
+def _searched(model, env, cfg, pc: PlannerConfig, simulations: int | None = None):
+    """A tree over ROWS[0]'s prompt after `simulations` (default pc.simulations) simulations; and the prompt ids."""
+    model.eval()
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    for _ in range(pc.simulations if simulations is None else simulations):
+        tree.simulate()
+    return tree, ids
+
+
 def _close(a: float, b: float) -> bool:
     # values are a 32-term dot product of magnitude ~2: float32 rounding is relative
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
@@ -93,12 +103,8 @@ def test_kv_extend_matches_full_forward(fixture, request, prompts_file):
 def test_tree_nodes_match_full_forward(tiny_llama, prompts_file):
     """Every expanded node's value and child priors equal a full forward over its prefix."""
     cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 5, "stop_at_eos": False})
-    model.eval()
     pc = PlannerConfig(name="mcts", simulations=25, top_k=4)
-    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
-    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
-    for _ in range(pc.simulations):
-        tree.simulate()
+    tree, ids = _searched(model, env, cfg, pc)
     checked, stack = 0, [(tree.root, [])]
     while stack:
         node, path = stack.pop()
@@ -263,10 +269,8 @@ def test_best_of_n_by_value_makes_no_reward_call(tiny_llama, prompts_file):
 def test_mcts_kl_term_matches_reference_logprobs(tiny_llama, prompts_file):
     """With kl_coef > 0 a child's path KL is kl_coef·(log π − log π_ref) of its token."""
     cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3, "stop_at_eos": False})
-    model.eval()
     pc = PlannerConfig(name="mcts", simulations=8, top_k=4, kl_coef=0.5)
-    ids, mask, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
-    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    tree, ids = _searched(model, env, cfg, pc, simulations=0)
     assert tree.forward_passes == 2  # the prompt's prefill, with the policy and the reference
     for c in tree.root.children:
         full = torch.cat([ids, torch.tensor([[c.token]])], 1)
@@ -299,12 +303,8 @@ def test_rollout_leaves_score_whole_texts_and_keep_them_in_the_tree(tiny_llama, 
         tiny_llama, prompts_file, reward=reward, perturb=False, generation={"max_new_tokens": T, "stop_at_eos": False},
         model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2},
     )
-    model.eval()
     pc = PlannerConfig(name="mcts", leaf="rollout", simulations=9, top_k=4, c_puct=1.0)
-    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
-    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
-    for _ in range(pc.simulations):
-        tree.simulate()
+    tree, _ = _searched(model, env, cfg, pc)
     nodes = list(_walk(tree.root))
     finished = [n for n in nodes if n.terminal and n.visits]
     assert tree.root.visits == pc.simulations
@@ -337,12 +337,8 @@ def test_rollout_leaves_subtract_the_path_kl(tiny_llama, prompts_file):
 
     T, fn = 4, lambda c: len(c) / 10  # noqa: E731
     cfg, model, env = _setup(tiny_llama, prompts_file, reward=fn, generation={"max_new_tokens": T, "stop_at_eos": False})
-    model.eval()
     pc = PlannerConfig(name="mcts", leaf="rollout", simulations=5, top_k=4, kl_coef=0.5)
-    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
-    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
-    for _ in range(pc.simulations):
-        tree.simulate()
+    tree, ids = _searched(model, env, cfg, pc)
     finished = [n for n in _walk(tree.root) if n.terminal and n.visits]
     assert finished
     for leaf in finished:
@@ -402,9 +398,8 @@ def test_mcts_eval_does_not_depend_on_the_batch_size(tiny_llama, prompts_file):
 
 def test_rollout_emission_breaks_visit_ties_by_q(tiny_llama, prompts_file):
     cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3, "stop_at_eos": False})
-    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
     for leaf, expect in (("rollout", 2), ("value", 0)):  # value leaves keep ties on the higher prior
-        tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, PlannerConfig(name="mcts", leaf=leaf), None)
+        tree, _ = _searched(model, env, cfg, PlannerConfig(name="mcts", leaf=leaf), simulations=0)
         kids = tree.root.children
         for c, (n, total) in zip(kids[:3], [(1, 0.2), (1, 0.5), (1, 0.9)]):
             c.visits, c.value_sum = n, total
