@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dynalm.config import build_config
-from dynalm.dyna import Dyna, RidgeRewardModel, choose_true, error_stats
+from dynalm.dyna import RIDGE_GRID, Dyna, RidgeRewardModel, choose_true, error_stats, loo_residuals
 from dynalm.rewards import ScoredTerms
 from dynalm.run import train
 
@@ -55,6 +55,45 @@ def test_ridge_leave_one_out_picks_a_fitting_strength():
     m.fit(X, noise)  # pure noise: the mean is the best predictor, so shrink hard
     assert m.chosen_ridge >= 100
     assert float((m.predict(X) - noise.mean()).abs().max()) < 0.3
+
+
+def test_ridge_closed_form_loo_matches_brute_force_refits():
+    """Issue 12.1: the closed-form LOO residuals equal refitting without each row (intercept
+    refit too), for n < d, where the old formula (no 1/n in the hat diagonal) was far off."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 20, 35
+    Z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    Zc, yc = Z - Z.mean(0), y - y.mean()
+    K = Zc @ Zc.T / d
+    S, U = torch.linalg.eigh(K)
+    S = S.clamp(min=0.0)
+    for lam in (1e-3, 0.1, 10.0):
+        alpha = U @ ((U.T @ yc) / (S + lam))
+        fast = loo_residuals(K, yc, U, S, lam, alpha)
+        brute = torch.empty(n, dtype=torch.float64)
+        for i in range(n):
+            keep = torch.arange(n) != i
+            Zi, yi = Z[keep], y[keep]
+            mu, ym = Zi.mean(0), yi.mean()
+            w = torch.linalg.solve((Zi - mu).T @ (Zi - mu) / d + lam * torch.eye(d, dtype=torch.float64), (Zi - mu).T @ (yi - ym) / d)
+            brute[i] = y[i] - (ym + (Z[i] - mu) @ w)
+        assert torch.allclose(fast, brute, atol=1e-8, rtol=0), lam
+
+
+def test_ridge_on_pure_noise_with_fewer_rows_than_features_shrinks_hard():
+    """Issue 12.1: before the fix the grid always returned its smallest λ (1e-3) when n < d,
+    and the model interpolated noise (test MSE ≈ 2 against ≈ 1 for the mean)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(60, 100, generator=g), torch.randn(60, generator=g)
+    m = RidgeRewardModel()
+    m.fit(X, y)
+    assert m.chosen_ridge >= 100
+    Xt, yt = torch.randn(400, 100, generator=g), torch.randn(400, generator=g)
+    mse = float(((m.predict(Xt) - yt) ** 2).mean())
+    mse_mean = float(((y.mean() - yt) ** 2).mean())
+    assert mse < mse_mean * 1.05
+    assert RIDGE_GRID[0] < m.chosen_ridge
 
 
 def test_error_stats_against_hand_values():

@@ -44,6 +44,21 @@ def choose_true(n: int, group: list[int], k: int, gen: torch.Generator) -> list[
     return sorted(order[:k])
 
 
+def loo_residuals(K, yc, U, S, lam: float, alpha) -> torch.Tensor:
+    """Leave-one-out residuals of kernel ridge with an unpenalised intercept, in closed form.
+
+    The fit is ŷ = ȳ + Kα on centred data (K = U diag(S) Uᵀ, the centred kernel), so its hat
+    matrix is H = K(K + λI)⁻¹ + 11ᵀ/n: the intercept is a fitted parameter too. The exact
+    LOO residual of any such linear smoother is (y_i − ŷ_i) / (1 − H_ii) (Allen's PRESS).
+    Leaving out the 1/n part (dividing by 1 − h_ii of the centred kernel alone) sends the
+    score to 0 as λ → 0 whenever n ≤ d, since then h_ii → 1 − 1/n: the grid would always
+    pick its smallest λ and interpolate noise.
+    """
+    n = yc.shape[0]
+    h = ((U**2) * (S / (S + lam))).sum(1) + 1.0 / n
+    return (yc - K @ alpha) / (1.0 - h).clamp(min=1e-9)
+
+
 class RidgeRewardModel:
     """r̂(x) = ȳ + w·(x − μ)/σ, refit exactly on the whole buffer (kernel ridge, float64)."""
 
@@ -77,10 +92,7 @@ class RidgeRewardModel:
             if len(grid) == 1:
                 best = (0.0, lam, alpha)
                 break
-            # leave-one-out residuals of ridge in closed form: (y − ŷ) / (1 − H_ii)
-            h = ((U**2) * (S / (S + lam))).sum(1)
-            resid = (yc - K @ alpha) / (1.0 - h).clamp(min=1e-9)
-            err = float((resid**2).mean())
+            err = float((loo_residuals(K, yc, U, S, lam, alpha) ** 2).mean())
             if best is None or err < best[0]:
                 best = (err, lam, alpha)
         _, self.chosen_ridge, alpha = best
