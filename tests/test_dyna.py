@@ -139,6 +139,57 @@ def test_bookkeeping_counts_true_calls_and_refits_on_the_true_share(tiny_llama, 
     assert torch.allclose(fresh.predict(feats), dyna.ridge.predict(feats))
 
 
+def test_warmup_zero_scores_every_row_truly_until_the_model_is_fitted(tiny_llama, prompts_file):
+    """Issue 12.5: with warmup_steps 0 the first step used to score 6 of 8 rows with an
+    unfitted model (all zeros), which grpo turned into advantages."""
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, dyna={"enabled": True, "true_fraction": 0.25, "warmup_steps": 0},
+                                      algorithm={"name": "grpo", "num_generations": 2}, train={"batch_size": 8}))
+    dyna = Dyna(cfg)
+    group = [i // 2 for i in range(8)]
+
+    def true_fn(idx):
+        return ScoredTerms({"t": [1.0 + i for i in idx]}, [1.0 + i for i in idx])
+
+    feats = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    names = [f"x{i}" for i in range(8)]
+    scores, idx, m, _ = dyna.score_step(1, names, names, group, feats, true_fn)
+    assert idx == list(range(8)) and scores == [1.0 + i for i in range(8)]
+    assert m["dyna/imagined"] == 0
+    _, idx, m, _ = dyna.score_step(2, names, names, group, feats, true_fn)  # fitted now: the share applies
+    assert len(idx) == 2 and m["dyna/imagined"] == 6
+
+
+def test_normalised_terms_are_refit_on_one_scale(tiny_llama, prompts_file):
+    """Issue 12.6: a `normalize: true` term used to be stored normalised by the running
+    statistics of its own step, so a refit mixed scales. Now the buffer keeps the raw term
+    and each refit normalises all of it with the current statistics."""
+    from dynalm.rewards import RewardSet
+
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, dyna={"enabled": True, "warmup_steps": 2},
+                                      rewards=[{"name": "length", "normalize": True}],
+                                      algorithm={"name": "grpo", "num_generations": 2}, train={"batch_size": 4}))
+    rs = RewardSet(cfg.rewards)
+    dyna = Dyna(cfg, combine=rs.combine)
+    feats = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    raw = []
+    for step, words in ((1, [1, 2, 3, 4]), (2, [20, 30, 40, 50])):
+        comps = [" ".join(["w"] * k) for k in words]
+
+        def true_fn(idx, comps=comps):
+            return rs([""] * len(idx), [comps[i] for i in idx], update_stats=True)
+
+        dyna.score_step(step, [""] * 4, comps, [0, 0, 1, 1], feats, true_fn)
+        raw += rs([""] * 4, comps).terms["length"]
+    t = torch.tensor(raw, dtype=torch.float64)
+    expected = ((t - t.mean()) / (t.std() + 1e-8)).tolist()
+    assert dyna.fit_targets() == pytest.approx(expected, abs=1e-9)
+    assert dyna.ridge.y_mean == pytest.approx(0.0, abs=1e-6)  # one scale: the normalised buffer has mean 0
+    # the checkpoint keeps the raw terms, and a reloaded model is the same fit
+    again = Dyna(cfg, combine=rs.combine)
+    again.load_state_dict(dyna.state_dict())
+    assert torch.allclose(again.ridge.predict(feats), dyna.ridge.predict(feats))
+
+
 def _metrics(run):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]

@@ -107,7 +107,11 @@ class RidgeRewardModel:
 class Dyna:
     """The buffer of true scores, the learned reward model and the counters of one run."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, combine=None):
+        """`combine(terms) -> scores` turns raw reward terms into the sequence score with the
+        *current* normalisation statistics (`RewardSet.combine`). With a `normalize: true`
+        term the buffer keeps the raw terms and every refit re-scores them with it, so old and
+        new targets share one scale; without one, the stored scores are used as they are."""
         self.cfg: DynaConfig = cfg.dyna
         self.run_cfg = cfg
         self.true_calls = 0
@@ -118,9 +122,13 @@ class Dyna:
         self.prompts: list[str] = []
         self.completions: list[str] = []
         self.targets: list[float] = []
+        self.terms: list[dict[str, float]] = []  # raw reward terms per buffered row (renormalising runs only)
+        self.combine = combine if any(t.normalize for t in cfg.rewards) else None
         self.ridge = RidgeRewardModel(self.cfg.ridge) if self.cfg.model == "features" else None
         self.lm_model = None
-        self.fitted = False
+        # a reward model loaded from `dyna.init` was fitted by `train-rm`; otherwise nothing
+        # is fitted until the first true scores arrive
+        self.fitted = self.cfg.model == "lm" and bool(self.cfg.init)
         # out-of-sample (prediction, truth) pairs of the latest steps, for a steadier error figure
         self.recent: list[tuple[float, float]] = []
 
@@ -130,7 +138,9 @@ class Dyna:
 
     # ------------------------------------------------------------------ which to score
     def n_true(self, n: int, step: int) -> int:
-        if step <= self.cfg.warmup_steps:
+        # an unfitted model would score every imagined row alike (ridge: all zeros), and the
+        # group baselines would turn that into advantages: score all rows truly until it is fitted
+        if step <= self.cfg.warmup_steps or not self.fitted:
             return n
         return min(n, max(1, round(self.cfg.true_fraction * n)))
 
@@ -160,11 +170,16 @@ class Dyna:
             return self.ridge.predict(features.cpu()).tolist()
         return self._lm().score(prompts, completions)
 
-    def add_and_refit(self, prompts: list[str], completions: list[str], features: torch.Tensor | None, scores: list[float]) -> None:
-        """Append the newest true scores to the buffer and refit on all of it."""
+    def add_and_refit(
+        self, prompts: list[str], completions: list[str], features: torch.Tensor | None, scores: list[float],
+        terms: dict[str, list[float]] | None = None,
+    ) -> None:
+        """Append the newest true scores (and, renormalising, their raw terms) to the buffer and refit on all of it."""
         self.prompts += prompts
         self.completions += completions
         self.targets += [float(s) for s in scores]
+        if self.combine is not None:
+            self.terms += [{k: float(v[i]) for k, v in (terms or {}).items()} for i in range(len(scores))]
         if features is not None:
             self.features += list(features.detach().cpu().float())
         extra = len(self.targets) - self.cfg.max_buffer
@@ -172,16 +187,27 @@ class Dyna:
             del self.prompts[:extra], self.completions[:extra], self.targets[:extra]
             if self.features:
                 del self.features[:extra]
+            if self.terms:
+                del self.terms[:extra]
         self.refit()
+
+    def fit_targets(self) -> list[float]:
+        """The targets of the next refit: the buffer's raw terms re-scored with today's
+        normalisation when a term normalises, else the stored scores."""
+        if self.combine is None or len(self.terms) != len(self.targets):
+            return list(self.targets)
+        names = list(self.terms[0]) if self.terms else []
+        return list(self.combine({k: [t[k] for t in self.terms] for k in names}))
 
     def refit(self) -> None:
         if not self.targets:
             return
+        targets = self.fit_targets()
         if self.ridge is not None:
-            self.ridge.fit(torch.stack(self.features), torch.tensor(self.targets))
+            self.ridge.fit(torch.stack(self.features), torch.tensor(targets))
         else:
             c = self.cfg
-            self._lm().fit(self.prompts, self.completions, self.targets, steps=c.fit_steps, batch_size=c.fit_batch_size, lr=c.fit_learning_rate)
+            self._lm().fit(self.prompts, self.completions, targets, steps=c.fit_steps, batch_size=c.fit_batch_size, lr=c.fit_learning_rate)
         self.fitted = True
 
     def score_step(
@@ -215,7 +241,7 @@ class Dyna:
         for j, i in enumerate(idx):
             scores[i] = true[j]
         sub_feats = features[idx] if features is not None else None
-        self.add_and_refit([rows_prompts[i] for i in idx], [completions[i] for i in idx], sub_feats, true)
+        self.add_and_refit([rows_prompts[i] for i in idx], [completions[i] for i in idx], sub_feats, true, scored.terms)
         self.true_calls += len(idx)
         self.imagined += n - len(idx)
         metrics.update(
@@ -240,6 +266,7 @@ class Dyna:
             "prompts": list(self.prompts),
             "completions": list(self.completions),
             "targets": list(self.targets),
+            "terms": list(self.terms),
             "features": torch.stack(self.features) if self.features else None,
             "fitted": self.fitted,
             "recent": list(self.recent),
@@ -258,6 +285,7 @@ class Dyna:
         self.gen.set_state(s["gen"])
         self.prompts, self.completions, self.targets = list(s["prompts"]), list(s["completions"]), list(s["targets"])
         self.features = list(s["features"].cpu()) if s["features"] is not None else []
+        self.terms = list(s.get("terms", []))  # absent before raw terms were kept
         self.fitted = s["fitted"]
         self.recent = [tuple(x) for x in s.get("recent", [])]
         if "lm" in s:
@@ -269,7 +297,7 @@ class Dyna:
             m._fit_gen.setstate(s["lm"]["fit_gen"])
         elif self.ridge is not None and self.fitted:
             # the ridge solution is a deterministic function of the buffer: refit, not stored
-            self.ridge.fit(torch.stack(self.features), torch.tensor(self.targets))
+            self.ridge.fit(torch.stack(self.features), torch.tensor(self.fit_targets()))
 
 
 def error_stats(pred: list[float], true: list[float]) -> dict[str, float]:

@@ -159,6 +159,12 @@ class RewardSet:
             out = [min(max(v, -term.clip), term.clip) for v in out]
         return out
 
+    def combine(self, terms: dict[str, list[float]]) -> list[float]:
+        """The weighted score of raw terms shaped with the current statistics (which do not move)."""
+        n = len(next(iter(terms.values()))) if terms else 0
+        shaped = {name: self._shape(name, term, terms[name], False) for name, _, term in self.terms}
+        return [sum(t.weight * shaped[name][i] for name, _, t in self.terms) for i in range(n)]
+
     @property
     def names(self) -> list[str]:
         return [n for n, _, _ in self.terms]

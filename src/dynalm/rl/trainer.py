@@ -384,7 +384,7 @@ class Trainer:
             # normalised reward terms keep running statistics of the whole batch, in its order
             self.env.rewards.gather = dist.gather_floats
         self.reward_calls = 0  # completions scored by the configured (true) reward so far (this process)
-        self.dyna = Dyna(cfg) if cfg.dyna.enabled else None
+        self.dyna = Dyna(cfg, combine=self.env.rewards.combine) if cfg.dyna.enabled else None
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
