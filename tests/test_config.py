@@ -106,3 +106,30 @@ def test_fuzzed_configs_validate_or_raise_user_error(raw):
         assert "\n" not in str(e)
     else:
         assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("sets", [["algorithm.epochs=2"], ["train.batch_size=8", "algorithm.minibatch_size=4"]])
+def test_a2c_refuses_off_policy_updates(sets):
+    """Issue 12.3: a2c's loss has no importance ratio, so a second epoch or a smaller minibatch
+    would be an off-policy update; both used to be accepted silently."""
+    with pytest.raises(UserError) as e:
+        load_config(None, ["algorithm.name=a2c", *sets])
+    assert str(e.value) == (
+        "invalid config: a2c is on-policy (its loss has no importance ratio): it takes one gradient step per batch; "
+        "set algorithm.epochs: 1 and algorithm.minibatch_size: null, or use algorithm.name: ppo (fix the config)"
+    )
+    load_config(None, ["algorithm.name=a2c", "train.batch_size=8", "algorithm.minibatch_size=8"])  # one step: fine
+    load_config(None, ["algorithm.name=ppo", *sets])
+
+
+@pytest.mark.parametrize("algo", ["a2c", "ppo", "rloo"])
+def test_k3_is_refused_as_a_reward_kl(algo):
+    """Issue 12.2: k3 as a per-token reward has a biased gradient (tests/test_losses.py)."""
+    sets = [f"algorithm.name={algo}", "kl.estimator=k3"] + (["algorithm.num_generations=2"] if algo == "rloo" else [])
+    with pytest.raises(UserError) as e:
+        load_config(None, sets)
+    assert str(e.value) == (
+        f"invalid config: kl.estimator k3 as a reward gives {algo} a biased KL gradient; "
+        "use kl.estimator: k1 (k3 is right only inside grpo's loss) (fix the config)"
+    )
+    load_config(None, ["algorithm.name=grpo", "algorithm.num_generations=2", "kl.estimator=k3"])

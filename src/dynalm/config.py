@@ -83,7 +83,11 @@ class RewardTerm(_Section):
 
 class KLConfig(_Section):
     coef: float = Field(0.05, ge=0, description="β: weight of the KL penalty to the reference policy.")
-    estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator: k1 = log π − log π_ref, k3 = Schulman's unbiased ≥0 one.")
+    estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="KL estimator of the reward penalty (a2c, ppo, rloo): k1 = log π − log π_ref, the only one whose policy gradient "
+        "is ∇KL(π‖π_ref); k3 is refused there (grpo's in-loss KL is always k3, see rl/losses.py).",
+    )
     adaptive: bool = Field(False, description="Adapt β toward `target` (Ziegler et al. 2019).")
     target: float = Field(6.0, gt=0, description="Target KL per sequence (nats) for the adaptive controller.")
     horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller, in samples.")
@@ -295,6 +299,21 @@ class Config(_Section):
             raise ValueError(f"algorithm {algo.name} needs a value head but model.value_head is false")
         if algo.minibatch_size is not None and algo.minibatch_size > self.train.batch_size:
             raise ValueError("algorithm.minibatch_size must not exceed train.batch_size")
+        if algo.name == "a2c" and (algo.epochs > 1 or (algo.minibatch_size or self.train.batch_size) < self.train.batch_size):
+            # a2c's loss −A·log π has no importance ratio: every gradient step after the first
+            # would use samples from a policy that is no longer the current one
+            raise ValueError(
+                "a2c is on-policy (its loss has no importance ratio): it takes one gradient step per batch; "
+                "set algorithm.epochs: 1 and algorithm.minibatch_size: null, or use algorithm.name: ppo"
+            )
+        if self.kl.estimator == "k3" and algo.name in ("a2c", "ppo", "rloo"):
+            # As a reward, the policy gradient of a per-token estimate k is E_π[∇log π · k]: for
+            # k1 that is ∇KL(π‖π_ref), for k3 it is ∇KL(π‖π_ref) − ∇KL(π_ref‖π), which nearly
+            # cancels near the reference (tests/test_losses.py checks both on a toy policy).
+            raise ValueError(
+                f"kl.estimator k3 as a reward gives {algo.name} a biased KL gradient; "
+                "use kl.estimator: k1 (k3 is right only inside grpo's loss)"
+            )
         if self.data.prompts is not None and not self.data.prompts:
             raise ValueError("data.prompts is empty")
         if not self.rewards and self.env.fluency_coef == 0:

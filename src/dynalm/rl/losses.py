@@ -17,6 +17,17 @@ def kl_penalty(
 
     k1 = log π − log π_ref (unbiased, can be negative);
     k3 = (r − 1) − log r with r = π_ref/π (unbiased, always ≥ 0, lower variance).
+
+    Both estimate the *value* of KL(π‖π_ref) without bias; their gradients differ (Tang &
+    Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL"):
+
+    * as a reward (a2c, ppo, rloo: detached, reaching θ through the score function),
+      E_π[∇log π · k1] = ∇KL(π‖π_ref), but E_π[∇log π · k3] = ∇KL(π‖π_ref) − ∇KL(π_ref‖π),
+      which nearly cancels near the reference. The config refuses k3 there.
+    * in the loss (grpo: β·k3 differentiated through log π on on-policy samples),
+      E_π[∇k3] = E_π[(1 − π_ref/π)∇log π] = ∇KL(π_ref‖π): grpo's in-loss KL optimises the
+      *reverse* (mass-covering) KL, as in DeepSeekMath's GRPO, while its logged `kl` is k1's
+      estimate of KL(π‖π_ref). tests/test_losses.py checks all three identities exactly.
     """
     log_ratio = logprobs - ref_logprobs
     if mask is not None:  # zero the masked positions *before* expm1: exp of a huge gap is inf, and inf·0 = nan
