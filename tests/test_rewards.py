@@ -83,3 +83,35 @@ def test_running_normalisation_and_clipping():
     rs2 = RewardSet([RewardTerm(name="length", normalize=True, clip=1.0)])
     rs2.load_state_dict(rs.state_dict())
     assert rs2([""], ["a b"]).scores == rs([""], ["a b"]).scores
+
+
+TRL_SHAPES = '''
+def short(completions, **kwargs):          # TRL docs: a reward that reads only the completions
+    return [-float(len(c)) for c in completions]
+
+
+def accuracy(completions, solution, **kwargs):  # TRL docs: a dataset column by its name
+    return [1.0 if c.strip() == s else 0.0 for c, s in zip(completions, solution)]
+
+
+def ours(prompts, completions, **kwargs):  # dynalm's own shape keeps working
+    return [float(p in c) for p, c in zip(prompts, completions)]
+'''
+
+
+def test_reward_functions_written_for_trl_work_unchanged(tmp_path):
+    """Issue 12.10: rewards were called positionally, so `short` got the prompts as its
+    completions and `accuracy` raised (two positional args, and `solution` twice)."""
+    from dynalm.config import build_config
+    from dynalm.envs import TextEnv
+
+    f = tmp_path / "trl_rewards.py"
+    f.write_text(TRL_SHAPES)
+    cfg = build_config({"rewards": [{"name": f"{f}:short"}, {"name": f"{f}:accuracy"}, {"name": f"{f}:ours"}]})
+    env = TextEnv(cfg, tokenizer=None)
+    rows = [{"prompt": "2+2=", "solution": "4"}, {"prompt": "3+3=", "solution": "6"}]
+    _, scored, _ = env.step(rows, ["4", "3+3= is 5"], [True, True])
+    assert scored.terms["short"] == [-1.0, -9.0]  # the completions' lengths, not the prompts'
+    assert scored.terms["accuracy"] == [1.0, 0.0]
+    assert scored.terms["ours"] == [0.0, 1.0]
+    assert scored.scores == [0.0, -8.0]

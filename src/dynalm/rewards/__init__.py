@@ -1,7 +1,8 @@
 """Reward functions and their weighted composition.
 
 A reward function is `fn(prompts: list[str], completions: list[str], **extras) -> list[float]`
-(TRL's shape). Config names one or several: a built-in by name, a user's callable as
+(TRL's shape), called by keyword as TRL calls it, so it may take only what it uses
+(`fn(completions, **kw)`, `fn(completions, solution, **kw)`). Config names one or several: a built-in by name, a user's callable as
 `path/to/file.py:function` or `package.module:function`. Each term is checked (one finite
 number per completion) and logged on its own; the sequence score is their weighted sum.
 """
@@ -175,7 +176,9 @@ class RewardSet:
         shaped: dict[str, list[float]] = {}
         for name, fn, term in self.terms:
             try:
-                vals = fn(prompts, completions, **extras, **term.kwargs)
+                # by keyword, as TRL calls reward functions: `f(completions, **kw)` and
+                # `f(completions, solution, **kw)` work unchanged, and so does `f(prompts, completions, **kw)`
+                vals = fn(prompts=prompts, completions=completions, **extras, **term.kwargs)
             except UserError:
                 raise
             except Exception as exc:
