@@ -1,11 +1,16 @@
 """Report: per-token HTML view, reward-hacking warnings, planner table."""
 
+import dataclasses
 import json
 
+import pytest
+import torch
+
 from dynalm.config import build_config
-from dynalm.interpret import token_table, write_token_html
+from dynalm.interpret import token_batch, token_table, write_token_html
 from dynalm.models.policy import PolicyValueModel
 from dynalm.report import finalize_report
+from dynalm.rl.trainer import Trainer
 
 from conftest import tiny_overrides
 
@@ -38,3 +43,32 @@ def test_hacking_flags_reach_report_and_console(tmp_path):
     assert len(said) == 4 and all(s.startswith("warning: possible reward hacking: ") for s in said)
     assert text.count("> **Warning — possible reward hacking:**") == 4
     assert text.index("Warning") < text.index("## Eval")
+
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_token_view_advantages_are_the_updates_own(tiny_llama, prompts_file, algo):
+    """Issue 12.7: the view re-derived advantages with the raw kl.coef, without group
+    baselines or whitening. Now, for one batch, its advantages equal those the update used,
+    with the run's adapted β (here 0.37 against kl.coef 0.1)."""
+    n = 1 if algo == "ppo" else 2
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": algo, "num_generations": n},
+                                      kl={"coef": 0.1}, train={"batch_size": 4}))
+    model = PolicyValueModel.from_config(cfg)
+    model.trained_beta = 0.37
+    rows = [{"prompt": "the cat sat"}, {"prompt": "once upon a time"}] * (2 // n)
+    table = token_table(model, rows, cfg, seed=3)
+    assert len(table) == 2 * n * (2 // n)
+    batch = token_batch(model, rows, cfg, seed=3)
+    fresh = dataclasses.replace(batch, rewards=None, advantages=None, returns=None)
+    trainer = Trainer(cfg, model, rows)
+    trainer.kl_ctl.value = 0.37
+    used = trainer.learn(fresh).batch
+    assert torch.allclose(batch.advantages, used.advantages, atol=1e-6)
+    for i, s in enumerate(table):
+        k = len(s["tokens"])
+        assert s["advantage"] == pytest.approx(used.advantages[i, :k].tolist(), abs=1e-6)
+    if algo == "grpo":  # group baselines: the advantages of each group sum to zero
+        per_seq = used.advantages[:, 0]
+        assert abs(float(per_seq[0] + per_seq[1])) < 1e-5
+

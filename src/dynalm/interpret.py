@@ -15,48 +15,59 @@ import torch
 from .config import Config
 from .envs import TextEnv
 from .models.policy import PolicyValueModel
-from .rl import advantages as adv_mod
 from .rl.rollout import decode_completions, encode_prompts, sample
 
 
 @torch.no_grad()
-def token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: int = 0) -> list[dict]:
-    """Per sample: prompt, tokens, and per-token advantage, KL and reward."""
-    if cfg.env.kind == "dialog":  # whole conversations: envs/dialog.py
-        from .envs.dialog import dialog_token_table
-
-        return dialog_token_table(model, rows, cfg, seed)
-    from .rl.batch import Batch
+def token_batch(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: int = 0, beta: float | None = None):
+    """A training batch for `rows`, scored, with the per-token rewards and advantages the
+    update would use: each row rolled out `algorithm.num_generations` times as one group,
+    then the trainer's own `add_token_rewards` and `add_advantages` with β = `beta` (the
+    run's adapted β; default: the model's `trained_beta`, else kl.coef) — group baselines, whitening and all."""
     from .rl.trainer import add_advantages, add_token_rewards
 
-    env = TextEnv(cfg, model.tokenizer)
-    states = [env.reset(r) for r in rows]
-    p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
+    if beta is None:
+        beta = model.trained_beta if model.trained_beta is not None else cfg.kl.coef
+    n = cfg.algorithm.num_generations
+    rows = [r for r in rows for _ in range(n)]
+    group = [i // n for i in range(len(rows))]
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    ids, attn, amask, logp, values, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen)
-    comps = decode_completions(model.tokenizer, ids, amask, ended)
-    _, scored, _ = env.step(rows, comps, ended.tolist())
-    T = amask.shape[1]
-    batch = Batch(
-        input_ids=ids, attention_mask=attn, action_mask=amask, logprobs=logp, values=values,
-        prompts=[str(r[cfg.data.prompt_field]) for r in rows], completions=comps,
-        group=torch.arange(len(rows)), ended=ended,
-    )
-    batch.ref_logprobs = model.reference_logprobs(ids, attn, T, cfg.generation.temperature)
-    batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=amask.device)
-    beta = cfg.kl.coef
+    if cfg.env.kind == "dialog":  # whole conversations: the user's tokens carry no action
+        from .envs.dialog import DialogEnv
+
+        batch, _, _ = DialogEnv(cfg, model).rollout(model, rows, group, generator=gen)
+    else:
+        from .rl.batch import Batch
+
+        env = TextEnv(cfg, model.tokenizer)
+        states = [env.reset(r) for r in rows]
+        p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
+        ids, attn, amask, logp, values, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen)
+        comps = decode_completions(model.tokenizer, ids, amask, ended)
+        _, scored, _ = env.step(rows, comps, ended.tolist())
+        batch = Batch(
+            input_ids=ids, attention_mask=attn, action_mask=amask, logprobs=logp, values=values,
+            prompts=[str(r[cfg.data.prompt_field]) for r in rows], completions=comps,
+            group=torch.tensor(group, device=amask.device), ended=ended,
+        )
+        batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=amask.device)
+        batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
+    T = batch.n_actions
+    batch.ref_logprobs = model.reference_logprobs(batch.input_ids, batch.attention_mask, T, cfg.generation.temperature)
     add_token_rewards(batch, cfg, beta)
-    if values is not None and cfg.algorithm.needs_value_head:
-        a = cfg.algorithm
-        if a.advantage_kind == "td":
-            adv, _ = adv_mod.td0(batch.rewards, values, amask, a.gamma)
-        else:
-            adv, _ = adv_mod.gae(batch.rewards, values, amask, a.gamma, a.lam)
-    else:  # critic-free: every token of a completion shares its return, relative to the others
-        ret = batch.rewards.sum(-1)
-        adv = (ret - ret.mean())[:, None] * amask
-    kl = (logp - batch.ref_logprobs) * amask
-    return table_rows(model.tokenizer, batch, adv, kl, amask.sum(-1).long().tolist())
+    add_advantages(batch, cfg, beta)
+    return batch
+
+
+def token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: int = 0, beta: float | None = None) -> list[dict]:
+    """Per sample: prompt, tokens, and per-token advantage, KL and reward, exactly as the
+    update computes them (see `token_batch`). A dialog shows every token after the first
+    prompt, the user's with zero advantage and reward."""
+    batch = token_batch(model, rows, cfg, seed, beta)
+    m, T = batch.action_mask, batch.n_actions
+    kl = (batch.logprobs - batch.ref_logprobs) * m
+    lengths = (batch.attention_mask[:, -T:] if cfg.env.kind == "dialog" else m).sum(-1).long().tolist()
+    return table_rows(model.tokenizer, batch, batch.advantages, kl, lengths)
 
 
 def table_rows(tokenizer, batch, adv: torch.Tensor, kl: torch.Tensor, lengths: list[int]) -> list[dict]:

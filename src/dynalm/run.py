@@ -482,6 +482,7 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
         for s, h in old.items():
             signal.signal(s, h)
     _checkpoint(trainer, run_dir)
+    model.trained_beta = trainer.kl_ctl.value
     if not main:  # rank 0 alone exports, evaluates and writes the report
         return run_dir
     export_model(model, run_dir / "export")
@@ -574,7 +575,8 @@ def load_run(run_dir: str | Path, cfg_overrides: dict | None = None) -> tuple[Co
     if ckpt is None:
         raise UserError(f"run '{run_dir}' has no checkpoint yet", "train it first or resume it")
     model = PolicyValueModel.from_config(cfg)
-    weights, _ = load_checkpoint(ckpt, map_location=model.device)
+    weights, state = load_checkpoint(ckpt, map_location=model.device)
     load_weights(model, weights, ckpt)
+    model.trained_beta = float(state.get("kl", {}).get("value", cfg.kl.coef))
     model.eval()
     return cfg, model

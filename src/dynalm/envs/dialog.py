@@ -532,35 +532,3 @@ def write_transcripts(path, result: dict, n: int) -> int:
             lines.append(json.dumps(rec, ensure_ascii=False))
     write_text_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
-
-
-# ----------------------------------------------------------------------------- per-token view
-
-
-@torch.no_grad()
-def dialog_token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: int = 0) -> list[dict]:
-    """interpret.token_table for dialogs: every token after the first prompt, with the
-    advantage, KL and reward of the assistant's tokens (0 on the user's)."""
-    from ..rl import advantages as adv_mod
-    from ..rl.trainer import add_token_rewards
-
-    env = DialogEnv(cfg, model)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    batch, _, _ = env.rollout(model, rows, list(range(len(rows))), generator=gen)
-    m, T = batch.action_mask, batch.n_actions
-    batch.ref_logprobs = model.reference_logprobs(batch.input_ids, batch.attention_mask, T, cfg.generation.temperature)
-    add_token_rewards(batch, cfg, cfg.kl.coef)
-    a = cfg.algorithm
-    gam = adv_mod.turn_discounts(batch.turn_ids, m, a.gamma, cfg.env.turn_gamma)
-    if batch.values is not None and a.needs_value_head:
-        if a.advantage_kind == "td":
-            adv, _ = adv_mod.td0(batch.rewards, batch.values, m, gam)
-        else:
-            adv, _ = adv_mod.gae(batch.rewards, batch.values, m, gam, a.lam)
-    else:
-        ret = (batch.rewards * cfg.env.turn_gamma ** batch.turn_ids.clamp(min=0).float()).sum(-1)
-        adv = (ret - ret.mean())[:, None] * m
-    kl = (batch.logprobs - batch.ref_logprobs) * m
-    from ..interpret import table_rows
-
-    return table_rows(model.tokenizer, batch, adv, kl, batch.attention_mask[:, -T:].sum(-1).long().tolist())

@@ -75,6 +75,10 @@ class PolicyValueModel(nn.Module):
         # A side critic (beside grpo/rloo) reads the trunk's features without moving them,
         # so the policy trains exactly as it would without a value head.
         self.value_detached = False
+        # The KL coefficient β of the run that trained this model, when it came from one (its
+        # adapted value at the end): the per-token rewards the value head learned to predict
+        # include −β·KL_t, so the per-token view and the planner's leaf scores use the same β.
+        self.trained_beta: float | None = None
         hidden = lm.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
         if self.value_head is not None:
