@@ -9,11 +9,13 @@ from dynalm.config import build_config
 from dynalm.envs import TextEnv
 from dynalm.errors import UserError
 from dynalm.models.policy import PolicyValueModel
-from dynalm.planning import PlannerConfig, TokenMCTS, best_of_n_select, plan
+from dynalm.planning import PathReward, PlannerConfig, TokenMCTS, best_of_n_select, path_reward_for, plan
+from dynalm.planning.mcts import decode
 from dynalm.planning import kv as kvx
 from dynalm.rewards import ScoredTerms
+from dynalm.rl.batch import Batch
 from dynalm.rl.rollout import encode_prompts
-from dynalm.rl.trainer import seed_everything
+from dynalm.rl.trainer import add_token_rewards, seed_everything
 
 from conftest import tiny_overrides
 
@@ -75,7 +77,7 @@ def _close(a: float, b: float) -> bool:
 def test_planner_config_fields():
     cfg = PlannerConfig()
     assert (cfg.name, cfg.n, cfg.rank_by, cfg.simulations, cfg.top_k) == ("sample", 4, "reward", 10, 10)
-    assert (cfg.c_puct, cfg.temperature, cfg.kl_coef, cfg.seed) == (8.0, 0.0, 0.0, 0)
+    assert (cfg.c_puct, cfg.temperature, cfg.kl_coef, cfg.seed) == (8.0, 0.0, None, 0)
     assert all(f.description for f in PlannerConfig.model_fields.values())
     with pytest.raises(Exception):
         PlannerConfig(simulatoins=3)
@@ -267,7 +269,7 @@ def test_best_of_n_by_value_makes_no_reward_call(tiny_llama, prompts_file):
 
 
 def test_mcts_kl_term_matches_reference_logprobs(tiny_llama, prompts_file):
-    """With kl_coef > 0 a child's path KL is kl_coef·(log π − log π_ref) of its token."""
+    """With kl_coef > 0 a child's path reward is −kl_coef·(log π − log π_ref) of its token."""
     cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3, "stop_at_eos": False})
     pc = PlannerConfig(name="mcts", simulations=8, top_k=4, kl_coef=0.5)
     tree, ids = _searched(model, env, cfg, pc, simulations=0)
@@ -276,8 +278,8 @@ def test_mcts_kl_term_matches_reference_logprobs(tiny_llama, prompts_file):
         full = torch.cat([ids, torch.tensor([[c.token]])], 1)
         lp = model(full, torch.ones_like(full), 1, entropy=False).logprobs.item()
         ref = model.reference_logprobs(full, torch.ones_like(full), 1).item()
-        assert abs(c.kl - 0.5 * (lp - ref)) < 1e-5
-    assert any(abs(c.kl) > 1e-3 for c in tree.root.children)  # the perturbed adapter moved the policy
+        assert abs(c.path_reward + 0.5 * (lp - ref)) < 1e-5
+    assert any(abs(c.path_reward) > 1e-3 for c in tree.root.children)  # the perturbed adapter moved the policy
     res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
     assert res.forward_passes <= 2 * (1 + 3 * pc.simulations)
 
@@ -333,8 +335,6 @@ def test_rollout_leaves_score_whole_texts_and_keep_them_in_the_tree(tiny_llama, 
 def test_rollout_leaves_subtract_the_path_kl(tiny_llama, prompts_file):
     """With kl_coef > 0 a rollout's score is its text's reward minus kl_coef·Σ(log π − log π_ref)
     over all of its tokens, the ones sampled during the rollout included."""
-    from dynalm.planning.mcts import decode
-
     T, fn = 4, lambda c: len(c) / 10  # noqa: E731
     cfg, model, env = _setup(tiny_llama, prompts_file, reward=fn, generation={"max_new_tokens": T, "stop_at_eos": False})
     pc = PlannerConfig(name="mcts", leaf="rollout", simulations=5, top_k=4, kl_coef=0.5)
@@ -346,8 +346,8 @@ def test_rollout_leaves_subtract_the_path_kl(tiny_llama, prompts_file):
         full = torch.cat([ids, torch.tensor([tokens])], 1)
         lp = model(full, torch.ones_like(full), T, entropy=False).logprobs.sum().item()
         ref = model.reference_logprobs(full, torch.ones_like(full), T).sum().item()
-        assert abs(leaf.kl - 0.5 * (lp - ref)) < 1e-4 and abs(leaf.kl) > 1e-3
-        assert math.isclose(leaf.value, fn(decode(model.tokenizer, tokens, False)) - leaf.kl, abs_tol=1e-9)
+        assert abs(leaf.path_reward + 0.5 * (lp - ref)) < 1e-4 and abs(leaf.path_reward) > 1e-3
+        assert math.isclose(leaf.value, fn(decode(model.tokenizer, tokens, False)) + leaf.path_reward, abs_tol=1e-9)
 
 
 def test_rollout_leaves_find_a_reward_that_partial_text_hides(tiny_llama, prompts_file):
@@ -406,3 +406,46 @@ def test_rollout_emission_breaks_visit_ties_by_q(tiny_llama, prompts_file):
         assert tree.choose() is kids[expect]
         kids[0].visits, kids[0].value_sum = 2, 0.4  # more visits win over a higher Q
         assert tree.choose() is kids[0]
+
+
+def test_leaves_add_the_runs_per_token_rewards_on_one_scale(tiny_llama, prompts_file):
+    """Issue 12.4: with per-token rewards (here the environment LM's α·log P_env and a2c's
+    −β·KL), an open leaf used to score V(s) and a finished one its score alone. Now both add
+    the per-token rewards along the path, exactly as the trainer computes them."""
+
+    T, fn = 3, lambda c: len(c) / 10  # noqa: E731
+    cfg, model, env = _setup(tiny_llama, prompts_file, reward=fn, generation={"max_new_tokens": T, "stop_at_eos": False},
+                             algorithm={"name": "a2c"}, env={"fluency_coef": 0.3}, kl={"coef": 0.2})
+    model.trained_beta = 0.25  # the run's adapted β, not kl.coef
+    pr = path_reward_for(cfg, model)
+    assert (pr.kl_coef, pr.fluency_coef) == (0.25, 0.3)
+    model.eval()
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, PlannerConfig(name="mcts", simulations=12, top_k=3), None, pr)
+    for _ in range(12):
+        tree.simulate()
+    scored = [n for n in _walk(tree.root) if n.value is not None and n is not tree.root]
+    assert any(n.terminal for n in scored) and any(not n.terminal for n in scored)
+    for leaf in scored:
+        tokens = [n.token for n in tree._path(leaf)]
+        full = torch.cat([ids, torch.tensor([tokens])], 1)
+        k = len(tokens)
+        batch = Batch(input_ids=full, attention_mask=torch.ones_like(full), action_mask=torch.ones(1, k),
+                      logprobs=model(full, torch.ones_like(full), k, entropy=False).logprobs, values=None,
+                      prompts=[""], completions=[""], group=torch.zeros(1), ended=torch.zeros(1, dtype=torch.bool))
+        batch.ref_logprobs = model.reference_logprobs(full, torch.ones_like(full), k)
+        batch.scores = torch.zeros(1)
+        add_token_rewards(batch, cfg, 0.25)
+        assert abs(leaf.path_reward - float(batch.rewards.sum())) < 1e-4  # the trainer's own per-token rewards
+        assert abs(leaf.path_reward) > 1e-2
+        if leaf.terminal:
+            assert math.isclose(leaf.value, fn(decode(model.tokenizer, tokens, False)) + leaf.path_reward, abs_tol=1e-9)
+        else:
+            _, v = _full(model, ids[0].tolist() + tokens)
+            assert _close(leaf.value, v + leaf.path_reward)
+    # grpo/rloo trained no KL into their value: only the fluency term then
+    cfg_g = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2},
+                                        env={"fluency_coef": 0.3}))
+    assert path_reward_for(cfg_g, model) == PathReward(0.0, 0.3)
+    cfg_k = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "a2c"}, planner={"kl_coef": 0.7}))
+    assert path_reward_for(cfg_k, model) == PathReward(0.7, 0.0)

@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .envs import TextEnv
-    from .planning import plan
+    from .planning import plan, path_reward_for
 
     if args.n < 1:
         raise UserError("-n must be at least 1", "pass -n 1 or more")
@@ -141,7 +141,8 @@ def cmd_generate(args) -> int:
     env = TextEnv(cfg, model.tokenizer)  # resolving rewards is cheap; models load on first call
     rows = [{cfg.data.prompt_field: p} for p in args.prompt for _ in range(args.n)]
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    res = plan(model, env, rows, gen_cfg, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen)
+    res = plan(model, env, rows, gen_cfg, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen,
+               path_reward=path_reward_for(cfg, model))
     for r, c in zip(rows, res.completions):
         p = r[cfg.data.prompt_field]
         if args.json:

@@ -262,8 +262,11 @@ class PlannerConfig(_Section):
         "(one reward call per leaf, no value head needed), the mean of the two, or `rollout`: the true reward of one "
         "completion sampled from the leaf (kept in the tree; the search then runs once, before the first token).",
     )
-    kl_coef: float = Field(
-        0.0, ge=0, description="mcts: add −kl_coef·Σ(log π − log π_ref) along the path to leaf values (PPO-MCTS); 0 = off."
+    kl_coef: float | None = Field(
+        None,
+        ge=0,
+        description="mcts: add −kl_coef·Σ(log π − log π_ref) along the path to leaf values (PPO-MCTS); null = the run's own "
+        "per-token KL reward (its β for a2c/ppo, 0 for grpo/rloo). env.fluency_coef's term is always added.",
     )
     seed: int = Field(0, description="Seed for the planner's own randomness (sampling, visit-count sampling).")
 

@@ -50,7 +50,7 @@ def evaluate_side(
     best-of-n or mcts (see dynalm.planning); planners other than sampling need the policy.
     `progress(k)` is told each time k more completions are decoded.
     """
-    from .planning import plan
+    from .planning import plan, path_reward_for
 
     progress = progress or (lambda k: None)
 
@@ -77,7 +77,7 @@ def evaluate_side(
             progress(len(chunk))
         else:
             res = plan(model, env, chunk, cfg.generation, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen,
-                       on_done=progress, rng=mcts_rng)
+                       on_done=progress, rng=mcts_rng, path_reward=path_reward_for(cfg, model))
             comps, end, passes = res.completions, res.ended, passes + res.forward_passes
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
             ids, attn, amask = _assemble(p_ids, p_mask, res.token_ids, pad)

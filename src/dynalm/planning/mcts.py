@@ -15,8 +15,14 @@ mean of both, or a rollout — see below); a finished leaf (EOS, or the token li
 backed up along the path; Q is their mean. Priors and the KL term use
 generation.temperature; generation.top_k/top_p do not apply (the planner's top_k does).
 
-With kl_coef > 0 every leaf value also gets −kl_coef·Σ(log π − log π_ref) over the tokens
-from the prompt to the leaf, so search stays near the reference policy (PPO-MCTS's KL term).
+Every leaf is scored on the scale the value head was trained on: the per-token rewards
+along its path (from the prompt to the leaf) plus V(leaf) when it is open, or plus the
+sequence score when it is finished, as PPO-MCTS does. The per-token rewards are the run's
+own (`PathReward`): −kl_coef·(log π − log π_ref) per token — kl_coef is the run's β for
+a2c/ppo, whose value head learned returns with that penalty (0 for grpo/rloo), or
+`planner.kl_coef` when set — and α·log P_env(a_t|s_t) with α = env.fluency_coef. Without
+them an open leaf's V would carry the future per-token terms while a finished leaf's score
+carries none, and with negative terms (fluency) the search would prefer an early EOS.
 
 After `simulations` simulations the emitted token is the most visited child of the root
 (or one sampled ∝ N^(1/T)). The root then moves to that child and KEEPS its subtree:
@@ -50,13 +56,36 @@ from . import kv as kvx
 from .config import PlannerConfig
 
 
+@dataclass(frozen=True)
+class PathReward:
+    """The per-token rewards the search adds along a path: −kl_coef·(log π − log π_ref) + fluency_coef·log π_ref."""
+
+    kl_coef: float = 0.0
+    fluency_coef: float = 0.0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef != 0 or self.fluency_coef != 0
+
+
+def path_reward_for(cfg, model=None) -> PathReward:
+    """The run's per-token rewards (trainer.add_token_rewards): β·KL for a2c/ppo with β the
+    run's adapted value (`model.trained_beta`, else kl.coef), the environment LM's α·log P_env
+    for any algorithm; `planner.kl_coef` replaces the KL coefficient when it is set."""
+    kl = cfg.planner.kl_coef
+    if kl is None:
+        beta = getattr(model, "trained_beta", None)
+        kl = (beta if beta is not None else cfg.kl.coef) if cfg.algorithm.name in ("a2c", "ppo") else 0.0
+    return PathReward(kl_coef=float(kl), fluency_coef=float(cfg.env.fluency_coef))
+
+
 @dataclass(eq=False, slots=True)
 class Node:
     token: int | None  # the edge into this node (None at the prompt)
     parent: "Node | None"
     prior: float
     depth: int  # completion tokens in the prefix
-    kl: float = 0.0  # kl_coef · Σ(log π − log π_ref) from the prompt to here
+    path_reward: float = 0.0  # Σ of the per-token rewards (PathReward) from the prompt to here
     terminal: bool = False  # EOS or the token limit: scored by the reward, never expanded
     ended: bool = False  # terminal at EOS (rather than at the limit)
     visits: int = 0
@@ -64,7 +93,7 @@ class Node:
     value: float | None = None  # this node's own leaf evaluation, computed once
     children: list["Node"] = field(default_factory=list)  # in descending prior order
     kv: kvx.KV | None = None  # K/V of `token` (policy)
-    ref_kv: kvx.KV | None = None  # K/V of `token` (reference), only with kl_coef > 0
+    ref_kv: kvx.KV | None = None  # K/V of `token` (reference), only with per-token rewards
 
     def q(self, default: float) -> float:
         return self.value_sum / self.visits if self.visits else default
@@ -89,6 +118,7 @@ class TokenMCTS:
         gen: GenerationConfig,
         cfg: PlannerConfig,
         rng: random.Random | None = None,  # for rollouts and for sampling the emitted token (temperature > 0)
+        path_reward: PathReward | None = None,  # default: planner.kl_coef (0 when unset), no fluency term
     ):
         if model.value_head is None and cfg.leaf in ("value", "mean"):
             raise UserError(
@@ -98,7 +128,8 @@ class TokenMCTS:
         self.model, self.env, self.row, self.gen, self.cfg = model, env, row, gen, cfg
         self.rng = rng if rng is not None else random.Random(cfg.seed)
         self.stops = stop_ids(model.tokenizer, getattr(model.lm, "generation_config", None)) if gen.stop_at_eos else set()
-        self.use_kl = cfg.kl_coef > 0
+        self.path_r = path_reward if path_reward is not None else PathReward(kl_coef=cfg.kl_coef or 0.0)
+        self.use_kl = self.path_r.needs_reference  # the reference forwards give log π_ref
         self.forward_passes = 0
         self.reward_calls = 0
         self.committed: list[int] = []  # tokens emitted so far (the path from the prompt to the root)
@@ -166,9 +197,9 @@ class TokenMCTS:
     def _evaluate(self, node: Node) -> float:
         path = self._path(node)
         if node.terminal:
-            return self._reward(self.committed + [n.token for n in path], node.ended) - node.kl
+            return self._reward(self.committed + [n.token for n in path], node.ended) + node.path_reward
         value = self._expand(node, path)
-        return self._leaf_value(value, self.committed + [n.token for n in path], node.kl)
+        return self._leaf_value(value, self.committed + [n.token for n in path], node.path_reward)
 
     def _rollout(self, node: Node) -> list[Node]:
         """planner.leaf=rollout: complete `node`'s prefix by sampling from the priors (the policy's
@@ -183,7 +214,7 @@ class TokenMCTS:
             node = self.rng.choices(node.children, weights=weights)[0]
             path.append(node)
             chain.append(node)
-        value = self._reward(self.committed + [n.token for n in path], node.ended) - node.kl
+        value = self._reward(self.committed + [n.token for n in path], node.ended) + node.path_reward
         for n in [start, *chain]:
             n.value = value
         return chain
@@ -204,27 +235,28 @@ class TokenMCTS:
         self._add_children(node, logits, ref_logits)
         return value
 
-    def _leaf_value(self, value, tokens: list[int], kl: float) -> float:
-        """An unfinished leaf's score: V(s), the reward of the partial text, or their mean; minus the KL term."""
+    def _leaf_value(self, value, tokens: list[int], path_reward: float) -> float:
+        """An unfinished leaf's score: V(s), the reward of the partial text, or their mean; plus the path's per-token rewards."""
         leaf = self.cfg.leaf
         if leaf == "value":
-            return float(value) - kl
+            return float(value) + path_reward
         r = self._reward(tokens, False)
-        return (r if leaf == "reward" else 0.5 * (float(value) + r)) - kl
+        return (r if leaf == "reward" else 0.5 * (float(value) + r)) + path_reward
 
     def _add_children(self, node: Node, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
         logp = torch.log_softmax(logits.float() / self.gen.temperature, dim=-1)
         top = torch.topk(logp, min(self.cfg.top_k, logp.shape[-1]))
         priors = torch.softmax(top.values, dim=-1).tolist()  # renormalised over the top k
-        kl = [0.0] * len(priors)
-        if ref_logits is not None:
-            ref_logp = torch.log_softmax(ref_logits.float() / self.gen.temperature, dim=-1)
-            kl = (self.cfg.kl_coef * (top.values - ref_logp[top.indices])).tolist()
+        tok_r = [0.0] * len(priors)
+        if ref_logits is not None:  # the per-token reward of each child's token, as the trainer computes it
+            ref_logp = torch.log_softmax(ref_logits.float() / self.gen.temperature, dim=-1)[top.indices]
+            pr = self.path_r
+            tok_r = (-pr.kl_coef * (top.values - ref_logp) + pr.fluency_coef * ref_logp).tolist()
         depth = node.depth + 1
-        for tok, p, k in zip(top.indices.tolist(), priors, kl):
+        for tok, p, r in zip(top.indices.tolist(), priors, tok_r):
             ended = tok in self.stops
             terminal = ended or depth >= self.gen.max_new_tokens
-            node.children.append(Node(tok, node, p, depth, kl=node.kl + k, terminal=terminal, ended=ended))
+            node.children.append(Node(tok, node, p, depth, path_reward=node.path_reward + r, terminal=terminal, ended=ended))
 
     def _reward(self, tokens: list[int], ended: bool) -> float:
         text = decode(self.model.tokenizer, tokens, ended)

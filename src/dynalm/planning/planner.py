@@ -18,7 +18,7 @@ from ..config import GenerationConfig
 from ..errors import UserError
 from ..rl.rollout import decode_completions, encode_prompts, sample
 from .config import PlannerConfig
-from .mcts import StepStats, TokenMCTS, decode
+from .mcts import PathReward, StepStats, TokenMCTS, decode
 
 
 @dataclass
@@ -50,6 +50,7 @@ def plan(
     generator: torch.Generator | None = None,
     on_done: Callable[[int], None] | None = None,
     rng: random.Random | None = None,
+    path_reward: PathReward | None = None,
 ) -> PlanResult:
     """Complete each row's prompt (`env.reset(row)`) with the configured planner.
 
@@ -58,6 +59,8 @@ def plan(
     `random.Random(planner_cfg.seed)`) — pass the same `rng` to successive calls over chunks
     of rows so that they continue one stream rather than replay it.
     `on_done(k)` is told each time k more rows are finished (per row for mcts: a progress bar).
+    `path_reward`: the per-token rewards mcts adds along a path (`mcts.path_reward_for(cfg,
+    model)` gives a run's own); default: planner_cfg.kl_coef only.
     """
     on_done = on_done or (lambda k: None)
     if generator is None:
@@ -79,7 +82,7 @@ def plan(
         on_done(len(rows))
         return res
     if name == "mcts":
-        return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, on_done, rng)
+        return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, on_done, rng, path_reward)
     raise ValueError(f"unknown planner {name!r}")
 
 
@@ -118,7 +121,7 @@ def _best_of_n(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tok
     )
 
 
-def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens, on_done, rng) -> PlanResult:
+def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens, on_done, rng, path_reward) -> PlanResult:
     rng = rng if rng is not None else random.Random(cfg.seed)  # rows draw from it one after another
     was_training = model.training
     model.eval()
@@ -126,7 +129,7 @@ def _mcts(model, env, rows, states, gen, cfg: PlannerConfig, max_prompt_tokens, 
     try:
         for row, state in zip(rows, states):
             ids, _, _ = encode_prompts(model.tokenizer, [state], max_prompt_tokens, model.device)  # batch 1: no padding
-            tree = TokenMCTS(model, env, row, ids, gen, cfg, rng)
+            tree = TokenMCTS(model, env, row, ids, gen, cfg, rng, path_reward)
             tokens, end, stats = tree.run()
             completions.append(decode(model.tokenizer, tokens, end))
             token_ids.append(list(tokens))
