@@ -102,8 +102,13 @@ def test_chat_template_glue(tiny_llama, dialog_rows, turn_reward_file):
     s0 = env.reset(ROWS[0])
     assert env.render(s0) == "<s> user the cat sat on the mat </s> <s> assistant "
     # The assistant's EOS already closed its message; a reply cut at the token limit gets it here.
-    assert env.glue_text(s0, "yes", ended=True) == " <s> user yes </s> <s> assistant "
-    assert env.glue_text(s0, "yes", ended=False) == " </s> <s> user yes </s> <s> assistant "
+    assert env.glue_text(s0, "yes", last_token=tok.eos_token_id) == " <s> user yes </s> <s> assistant "
+    assert env.glue_text(s0, "yes", last_token=None) == " </s> <s> user yes </s> <s> assistant "
+    # Issue 12.8: a model with two stop ids (EOS and another from generation_config) that
+    # stopped on the other one has not closed its message: the template's marker stays.
+    other = tok.unk_token_id
+    assert other != tok.eos_token_id
+    assert env.glue_text(s0, "yes", last_token=other) == " </s> <s> user yes </s> <s> assistant "
     # The simulator plays the user: roles swapped, persona and goal in its system message.
     up = env.user_prompt(s0, "a dog", tok)
     assert up.startswith("<s> system You are role-playing") and "a happy king" in up

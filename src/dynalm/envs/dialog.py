@@ -128,20 +128,26 @@ class DialogEnv:
         lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in state.messages]
         return (f"{sp}\n\n" if sp else "") + "\n".join(lines) + "\nAssistant:"
 
-    def glue_text(self, state: DialogState, user_reply: str, ended: bool) -> str:
+    def glue_text(self, state: DialogState, user_reply: str, last_token: int | None) -> str:
         """The text between the end of the assistant's sampled turn and its next turn: the end
-        of its message (unless its EOS already closed it), the user's message, and the
-        template's cue for the assistant."""
+        of its message (unless the turn's last sampled token, `last_token`, is the template's
+        own end-of-turn token and so already closed it), the user's message, and the
+        template's cue for the assistant. `last_token` is None for a turn cut at the token
+        limit; a turn that stopped on another stop id keeps the template's marker."""
         if self._chat(self.tokenizer):
             msgs = self._with_system(
                 state.messages + [{"role": "assistant", "content": _SENTINEL}, {"role": "user", "content": user_reply}]
             )
             full = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             suffix = full[full.rindex(_SENTINEL) + len(_SENTINEL) :]
-            eos = self.tokenizer.eos_token
-            if ended and eos and suffix.lstrip().startswith(eos):
-                # the sampled EOS already closed the message (with whatever the template puts before it)
-                suffix = suffix.lstrip()[len(eos) :]
+            head = suffix.lstrip()
+            if last_token is not None and head:
+                first = self.tokenizer(head, add_special_tokens=False)["input_ids"][:1]
+                marker = self.tokenizer.decode([last_token])
+                if first == [last_token] and marker and head.startswith(marker):
+                    # the sampled token is the template's end-of-turn marker: it closed the
+                    # message (with whatever the template puts before it)
+                    suffix = head[len(marker) :]
             return suffix
         return f"\nUser: {user_reply}\nAssistant:"
 
@@ -310,7 +316,8 @@ class DialogEnv:
             users_all.append(res.user_replies)
             if k < K - 1:  # the user's message (and template) before the next assistant turn
                 for i in range(B):
-                    glue = tok(self.glue_text(states[i], res.user_replies[i], bool(ended[i])), add_special_tokens=False)["input_ids"]
+                    last = int(out[i, width + n_tok[i] - 1]) if bool(ended[i]) and n_tok[i] else None
+                    glue = tok(self.glue_text(states[i], res.user_replies[i], last), add_special_tokens=False)["input_ids"]
                     region[i] += glue
                     ctx[i] += glue
                     act[i] += [0.0] * len(glue)
