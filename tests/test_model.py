@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from dynalm.config import build_config
+from dynalm.envs import TextEnv
 from dynalm.models.policy import PolicyValueModel
-from dynalm.rl.rollout import encode_prompts, sample
-from dynalm.rl.trainer import Trainer, seed_everything
+from dynalm.rl.rollout import encode_prompts, rollout, sample
+from dynalm.rl.trainer import Trainer, recompute_logprobs, seed_everything, wants_recompute
 
 from conftest import tiny_overrides
 
@@ -143,3 +144,40 @@ def test_side_value_head_leaves_the_policy_update_unchanged(tiny_llama, prompts_
     assert [m["reward"] for m in m0] == [m["reward"] for m in m1]
     assert [m["kl"] for m in m0] == [m["kl"] for m in m1]
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_bf16_first_ratio_is_one_when_logprobs_are_recomputed(tiny_llama, prompts_file):
+    """Issue 12.9, on a CPU under bf16 autocast: the KV-cache decode's log-probs differ from the
+    training forward's (other kernels, bf16 rounding), so PPO's first ratio is not 1; with
+    rollout.recompute_logprobs π_old comes from a no-grad training forward and it is 1."""
+    seed_everything(0)
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "ppo"}, generation={"max_new_tokens": 8},
+                                      rollout={"recompute_logprobs": True}))
+    model = PolicyValueModel.from_config(cfg)
+    with torch.no_grad():  # a policy away from the reference, so the logits are not tiny
+        for n, p in model.lm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    model.amp_dtype = torch.bfloat16
+    assert wants_recompute(cfg, model)
+    rows = [{"prompt": "the cat sat"}, {"prompt": "once upon a time there"}]
+    env = TextEnv(cfg, model.tokenizer)
+    batch, _ = rollout(model, rows, [env.reset(r) for r in rows], cfg.generation, max_prompt_tokens=64, group=[0, 1],
+                       prompt_field="prompt", generator=torch.Generator().manual_seed(0))
+    m = batch.action_mask
+
+    def max_ratio_gap():
+        model.train()
+        out = model(batch.input_ids, batch.attention_mask, n_actions=batch.n_actions)
+        return float(((torch.exp(out.logprobs - batch.logprobs) - 1).abs() * m).max())
+
+    assert max_ratio_gap() > 1e-4  # the problem: decode and training forward disagree under bf16
+    recompute_logprobs(model, batch, cfg.generation.temperature)
+    assert max_ratio_gap() < 1e-6
+    # the LM head ran on a float32 hidden state: logits are float32 even under autocast
+    ids = batch.input_ids[:1]
+    with model.autocast():
+        logits = model.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.dtype == torch.float32
+    # off by default on a CPU, on on CUDA
+    assert not wants_recompute(build_config(tiny_overrides(tiny_llama, prompts_file)), model)

@@ -72,6 +72,14 @@ class GenerationConfig(_Section):
     stop_at_eos: bool = Field(True, description="End a completion at the tokenizer's EOS token.")
 
 
+class RolloutConfig(_Section):
+    recompute_logprobs: bool | None = Field(
+        None,
+        description="Take π_old (and V_old) from a no-grad training forward after the rollout instead of the KV-cache "
+        "decode (TRL's way): under bf16 the two use different kernels, so PPO's first ratio is not 1; null = on on CUDA, off on CPU.",
+    )
+
+
 class RewardTerm(_Section):
     name: str = Field(..., description="Built-in reward name, 'file.py:function' or 'package.module:function'.")
     weight: float = Field(1.0, description="Weight of this term in the sequence score.")
@@ -277,6 +285,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="distinct2")])
     kl: KLConfig = Field(default_factory=KLConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,23 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def float32_head(lm: nn.Module) -> None:
+    """Run `lm`'s output projection in float32, outside autocast: in bfloat16, logits near 20
+    round to steps of 0.125, which is noise in every log-prob, ratio and KL. The module is
+    patched in place (its forward only), so weights, tying and saving are unchanged."""
+    head = lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or getattr(head, "_dynalm_fp32", False):
+        return
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            b = self.bias.float() if self.bias is not None else None
+            return nn.functional.linear(x.float(), self.weight.float(), b)
+
+    head.forward = types.MethodType(forward, head)
+    head._dynalm_fp32 = True
+
+
 class PolicyValueModel(nn.Module):
     """A causal LM policy with an optional value head and a reference policy."""
 
@@ -87,6 +105,12 @@ class PolicyValueModel(nn.Module):
             nn.init.zeros_(self.value_head.bias)
         if ref_lm is not None:
             ref_lm.requires_grad_(False).eval()
+        # Mixed precision: None = bfloat16 autocast on CUDA, none on CPU; tests set it to run
+        # the bf16 path on a CPU. The LM head always runs on a float32 hidden state.
+        self.amp_dtype: torch.dtype | None = None
+        for m in (lm, ref_lm):
+            if m is not None:
+                float32_head(m)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -134,9 +158,11 @@ class PolicyValueModel(nn.Module):
         return next(self.lm.parameters()).device
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dev = self.device.type
+        dtype = self.amp_dtype or (torch.bfloat16 if dev == "cuda" else None)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev, dtype=dtype)
 
     # ------------------------------------------------------------------ parameters
     def policy_parameters(self) -> list[nn.Parameter]:

@@ -105,6 +105,26 @@ def build_scheduler(opt, cfg: Config):
 # ----------------------------------------------------------------------------- stages
 
 
+def recompute_logprobs(model: PolicyValueModel, batch: Batch, temperature: float) -> None:
+    """π_old and V_old from a no-grad forward of the training model (TRL's way) in place of
+    the KV-cache decode's: on CUDA under bf16 the two run different kernels, and PPO's first
+    ratio must be exactly 1."""
+    was = model.training
+    model.train()  # the same mode as the update's forward (dropout is off in any case)
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.attention_mask, n_actions=batch.n_actions, temperature=temperature, entropy=False)
+    model.train(was)
+    mask = batch.action_mask
+    batch.logprobs = out.logprobs * mask
+    if batch.values is not None and out.values is not None:
+        batch.values = out.values * mask
+
+
+def wants_recompute(cfg: Config, model: PolicyValueModel) -> bool:
+    r = cfg.rollout.recompute_logprobs
+    return r if r is not None else model.device.type == "cuda"
+
+
 def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
     """r_t = −β·KL_t (a2c, ppo) + α·log P_env(a_t|s_t), plus the sequence score on the last token
     (a dialog: each turn's score on that turn's last token). Action tokens only."""
@@ -563,6 +583,8 @@ class Trainer:
             batch.ref_logprobs = self.model.reference_logprobs(
                 batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
             )
+        if wants_recompute(cfg, self.model):
+            recompute_logprobs(self.model, batch, cfg.generation.temperature)
         beta = self.kl_ctl.value
         add_token_rewards(batch, cfg, beta)
         add_advantages(batch, cfg, beta, dist)
