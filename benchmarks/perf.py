@@ -169,7 +169,7 @@ def model_counts(model_dir: str, targets: list[str]) -> dict:
 def make_work(algo: str, seed: int, a, model_dir: str, tok, rows: list[dict], targets: list[str]) -> dict:
     """What both sides run: dynalm's prompt order for this seed, rendered once, and the knobs."""
     from dynalm.data import render_template
-    from dynalm.rl.rollout import encode_prompts, render_prompt
+    from dynalm.models.generation import encode_prompts, render_prompt
     from dynalm.rl.trainer import PromptSampler
 
     per_step = BATCH // (GRPO["num_generations"] if algo == "grpo" else 1)

@@ -44,7 +44,7 @@ def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
 def main() -> None:
     from dynalm.envs import make_env
     from dynalm.models.policy import position_ids_from_mask
-    from dynalm.rl.rollout import decode_completions, encode_prompts, sample
+    from dynalm.models.generation import decode_completions, encode_prompts, sample
     from dynalm.run import load_run, set_threads, train_rows
 
     ap = argparse.ArgumentParser()

@@ -14,6 +14,7 @@ from dynalm.models.policy import PolicyValueModel
 from dynalm.rewards import dialog as dr
 from dynalm.rl import advantages as A
 from dynalm.rl import losses
+from dynalm.rl.episodes import rollout
 from dynalm.rl.trainer import add_advantages, add_token_rewards, seed_everything
 
 from conftest import tiny_overrides
@@ -61,7 +62,8 @@ def _rollout(cfg, model, env, n=None, seed=0):
     if cfg.algorithm.num_generations > 1:
         rows = [r for r in rows for _ in range(cfg.algorithm.num_generations)]
     group = [i // cfg.algorithm.num_generations for i in range(len(rows))]
-    batch, _, info = env.rollout(model, rows, group, generator=torch.Generator().manual_seed(seed), training=True)
+    batch, _, info = rollout(model, env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
+                             generator=torch.Generator().manual_seed(seed), training=True)
     return batch, info
 
 
@@ -184,7 +186,7 @@ def test_trainer_step_every_algorithm(algo, tiny_llama, dialog_rows, turn_reward
     res = trainer.step()
     m = res.metrics
     assert m["reward/turn_no"] == 3.0 and m["reward/turn_1"] >= 1.0 and m["reward/turn_2"] >= 2.0
-    assert "dialog/turn_eos_rate" in m and "time/user" in m
+    assert "episode/turn_eos_rate" in m and "time/user" in m
     b = res.batch
     assert torch.all(b.advantages[b.action_mask == 0] == 0) and torch.all(b.rewards[b.action_mask == 0] == 0)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
@@ -344,7 +346,7 @@ def test_dialog_preset_trains_through_cli(algo, tiny_llama, tmp_path, capsys):
     assert main(argv) == 0
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    for key in ["reward", "reward/turn_1", "reward/turn_2", "dialog/turn_eos_rate", "kl"] + [f"reward/{t}" for t in terms]:
+    for key in ["reward", "reward/turn_1", "reward/turn_2", "episode/turn_eos_rate", "kl"] + [f"reward/{t}" for t in terms]:
         assert key in metrics[-1]
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert samples and samples[0]["completion"].startswith("user: ") and "\nassistant: " in samples[0]["completion"]
@@ -387,5 +389,5 @@ def test_turn_level_best_of_n_picks_the_best_lookahead(tiny_llama, dialog_rows, 
     cfg2 = cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"n": 2})})
     ev = evaluate(model, ROWS, cfg2, base=False, planner="best-of-n")
     assert ev["trained"]["planner"] == "best-of-n" and ev["trained"]["reward_calls"] == 3 * 2 * 2
-    with pytest.raises(UserError, match="planner 'mcts' is not available for dialogs"):
+    with pytest.raises(UserError, match="planner 'mcts' is not available for env.kind dialog"):
         evaluate(model, ROWS, cfg2, base=False, planner="mcts")

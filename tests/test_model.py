@@ -6,7 +6,8 @@ import torch
 from dynalm.config import build_config
 from dynalm.envs import TextEnv
 from dynalm.models.policy import PolicyValueModel
-from dynalm.rl.rollout import encode_prompts, rollout, sample
+from dynalm.models.generation import encode_prompts, sample
+from dynalm.rl.episodes import rollout
 from dynalm.rl.trainer import Trainer, recompute_logprobs, seed_everything, wants_recompute
 
 from conftest import tiny_overrides
@@ -162,8 +163,7 @@ def test_bf16_first_ratio_is_one_when_logprobs_are_recomputed(tiny_llama, prompt
     assert wants_recompute(cfg, model)
     rows = [{"prompt": "the cat sat"}, {"prompt": "once upon a time there"}]
     env = TextEnv(cfg, model.tokenizer)
-    batch, _ = rollout(model, rows, [env.reset(r) for r in rows], cfg.generation, max_prompt_tokens=64, group=[0, 1],
-                       prompt_field="prompt", generator=torch.Generator().manual_seed(0))
+    batch, _, _ = rollout(model, env, rows, [0, 1], cfg.generation, max_prompt_tokens=64, generator=torch.Generator().manual_seed(0))
     m = batch.action_mask
 
     def max_ratio_gap():

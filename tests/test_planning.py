@@ -14,7 +14,7 @@ from dynalm.planning.mcts import decode
 from dynalm.planning import kv as kvx
 from dynalm.rewards import ScoredTerms
 from dynalm.rl.batch import Batch
-from dynalm.rl.rollout import encode_prompts
+from dynalm.models.generation import encode_prompts
 from dynalm.rl.trainer import add_token_rewards, seed_everything
 
 from conftest import tiny_overrides

@@ -191,8 +191,8 @@ def cmd_eval(args) -> int:
     if args.run:
         name = "eval.json" if planner == "sample" else f"eval-{planner}.json"
         write_text_atomic(Path(args.run) / name, json.dumps(result, indent=2, ensure_ascii=False))
-        if cfg.env.kind == "dialog" and cfg.env.transcripts:  # the conversations behind the numbers
-            from .envs.dialog import write_transcripts
+        if cfg.env.kind != "text" and cfg.env.transcripts:  # the conversations behind the numbers
+            from .evaluate_episodes import write_transcripts
 
             tname = "transcripts.jsonl" if planner == "sample" else f"transcripts-{planner}.jsonl"
             write_transcripts(Path(args.run) / tname, result, cfg.env.transcripts)

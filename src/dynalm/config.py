@@ -116,8 +116,20 @@ class EnvConfig(_Section):
         0.0,
         description="α: per-token reward α·log P_env(a_t|s_t) from the frozen environment LM (the reference policy); 0 = off.",
     )
-    kind: Literal["text", "dialog"] = Field(
-        "text", description="Environment: single-turn text completion, or a multi-turn dialog with a simulated user (envs/dialog.py)."
+    kind: Literal["text", "dialog", "custom"] = Field(
+        "text",
+        description="Environment: single-turn text completion, a multi-turn dialog with a simulated user (envs/dialog.py), "
+        "or `custom`: your own gymnasium-style text environment from `env.factory` (envs/custom.py).",
+    )
+    factory: str | None = Field(
+        None, description="custom: 'file.py:name' or 'package.module:name', a class or a function returning one env instance."
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments for the factory.")
+    max_turns: int = Field(8, ge=1, description="custom: assistant turns per episode at most; a longer episode is cut (truncated).")
+    rewards_on: Literal["turn", "episode"] = Field(
+        "episode",
+        description="custom: the configured reward terms score every assistant turn, or only the episode's last one "
+        "(either way added to the env's own step reward, logged as reward/env).",
     )
     turns: int = Field(3, ge=1, description="dialog: assistant turns per episode (the simulated user answers each one).")
     user_model: str = Field(
@@ -296,6 +308,20 @@ class Config(_Section):
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     dyna: DynaConfig = Field(default_factory=DynaConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_env_defaults(cls, raw):
+        """A custom environment brings its own episodes and reward: unless the config says
+        otherwise, no data files (episodes are reset by seed) and no extra reward terms."""
+        if isinstance(raw, dict) and isinstance(raw.get("env"), dict) and raw["env"].get("kind") == "custom":
+            raw = dict(raw)
+            raw.setdefault("rewards", [])
+            data = dict(raw.get("data") or {})
+            data.setdefault("train", None)
+            data.setdefault("eval", None)
+            raw["data"] = data
+        return raw
+
     @model_validator(mode="after")
     def _check_invariants(self) -> "Config":
         algo = self.algorithm
@@ -328,7 +354,9 @@ class Config(_Section):
             )
         if self.data.prompts is not None and not self.data.prompts:
             raise ValueError("data.prompts is empty")
-        if not self.rewards and self.env.fluency_coef == 0:
+        if self.env.kind == "custom" and not self.env.factory:
+            raise ValueError("env.kind custom needs env.factory ('my_env.py:make_env' or 'package.module:MyEnv')")
+        if not self.rewards and self.env.fluency_coef == 0 and self.env.kind != "custom":
             raise ValueError("no reward: give at least one entry in rewards or set env.fluency_coef")
         if self.dyna.enabled and self.env.kind != "text":
             raise ValueError("dyna works with single-turn tasks (env.kind: text) only")

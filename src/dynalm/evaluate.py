@@ -16,7 +16,7 @@ from .envs import TextEnv
 from .models.policy import PolicyValueModel
 from .metrics import self_bleu
 from .rewards import text as lex
-from .rl.rollout import decode_completions, encode_prompts, sample
+from .models.generation import decode_completions, encode_prompts, sample
 
 
 def _assemble(prompt_ids, prompt_mask, token_lists, pad: int):
@@ -126,10 +126,11 @@ def evaluate(
 ) -> dict:
     """Base (the reference, plain sampling) and/or trained policy (with `planner`) on `rows`.
     `progress(k)`: k more completions decoded (text tasks; a dialog eval does not report)."""
-    if cfg.env.kind == "dialog":  # multi-turn episodes with a simulated user: envs/dialog.py
-        from .envs.dialog import evaluate_dialog
+    if cfg.env.kind != "text":  # multi-turn episodes (dialog, custom): evaluate_episodes.py
+        from .envs import make_env
+        from .evaluate_episodes import evaluate_episodes
 
-        return evaluate_dialog(model, rows, cfg, base=base, trained=trained, planner=planner)
+        return evaluate_episodes(model, make_env(cfg, model), limit_rows(rows, cfg), cfg, base=base, trained=trained, planner=planner)
     env = TextEnv(cfg, model.tokenizer)
     rows = limit_rows(rows, cfg)
     out: dict = {"n_prompts": len(rows)}

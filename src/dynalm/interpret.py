@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .envs import TextEnv
+from .envs import make_env
 from .models.policy import PolicyValueModel
-from .rl.rollout import decode_completions, encode_prompts, sample
+from .rl.episodes import rollout
 
 
 @torch.no_grad()
@@ -32,26 +32,9 @@ def token_batch(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: in
     rows = [r for r in rows for _ in range(n)]
     group = [i // n for i in range(len(rows))]
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    if cfg.env.kind == "dialog":  # whole conversations: the user's tokens carry no action
-        from .envs.dialog import DialogEnv
-
-        batch, _, _ = DialogEnv(cfg, model).rollout(model, rows, group, generator=gen)
-    else:
-        from .rl.batch import Batch
-
-        env = TextEnv(cfg, model.tokenizer)
-        states = [env.reset(r) for r in rows]
-        p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
-        ids, attn, amask, logp, values, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen)
-        comps = decode_completions(model.tokenizer, ids, amask, ended)
-        _, scored, _ = env.step(rows, comps, ended.tolist())
-        batch = Batch(
-            input_ids=ids, attention_mask=attn, action_mask=amask, logprobs=logp, values=values,
-            prompts=[str(r[cfg.data.prompt_field]) for r in rows], completions=comps,
-            group=torch.tensor(group, device=amask.device), ended=ended,
-        )
-        batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=amask.device)
-        batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
+    env = make_env(cfg, model)
+    batch, _, _ = rollout(model, env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
+                          prompt_field=cfg.data.prompt_field, generator=gen)
     T = batch.n_actions
     batch.ref_logprobs = model.reference_logprobs(batch.input_ids, batch.attention_mask, T, cfg.generation.temperature)
     add_token_rewards(batch, cfg, beta)
@@ -66,7 +49,7 @@ def token_table(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: in
     batch = token_batch(model, rows, cfg, seed, beta)
     m, T = batch.action_mask, batch.n_actions
     kl = (batch.logprobs - batch.ref_logprobs) * m
-    lengths = (batch.attention_mask[:, -T:] if cfg.env.kind == "dialog" else m).sum(-1).long().tolist()
+    lengths = (batch.attention_mask[:, -T:] if batch.turn_ids is not None else m).sum(-1).long().tolist()
     return table_rows(model.tokenizer, batch, batch.advantages, kl, lengths)
 
 

@@ -74,6 +74,10 @@ def train_rows(cfg: Config) -> list[dict]:
     d = cfg.data
     if d.prompts is not None:
         return [{d.prompt_field: p} for p in d.prompts]
+    if d.train is None and cfg.env.kind == "custom":  # a game needs no data: episodes by seed
+        from .envs.custom import train_seed_rows
+
+        return train_seed_rows(cfg)
     if d.train is None:
         raise UserError("no training data: data.train and data.prompts are both empty", "set data.train or data.prompts")
     return _with_reference(read_rows(d.train, d.prompt_field, d.train_split), cfg)
@@ -81,6 +85,10 @@ def train_rows(cfg: Config) -> list[dict]:
 
 def eval_rows(cfg: Config) -> list[dict] | None:
     d = cfg.data
+    if not d.eval and cfg.env.kind == "custom":
+        from .envs.custom import eval_seed_rows
+
+        return list(eval_seed_rows(cfg))
     return _with_reference(read_rows(d.eval, d.prompt_field, d.eval_split), cfg) if d.eval else None
 
 
@@ -490,8 +498,8 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
     if ev is not None:
         result = evaluate(model, ev, cfg)
         write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
-        if cfg.env.kind == "dialog" and cfg.env.transcripts:  # a few eval conversations, turn by turn
-            from .envs.dialog import write_transcripts
+        if cfg.env.kind != "text" and cfg.env.transcripts:  # a few eval conversations, turn by turn
+            from .evaluate_episodes import write_transcripts
 
             write_transcripts(run_dir / "transcripts.jsonl", result, cfg.env.transcripts)
         echo(

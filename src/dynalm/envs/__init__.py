@@ -1,11 +1,19 @@
+"""Environments: one batched episode interface (base.py) that the rollout drives —
+single-turn text (text.py), a dialog with a simulated user (dialog.py), and any
+gymnasium-style text environment a user brings (custom.py)."""
+
+from .base import EpisodeEnv, Turn
+from .custom import CustomEnv
 from .dialog import DialogEnv
 from .text import TextEnv
 
-__all__ = ["DialogEnv", "TextEnv", "make_env"]
+__all__ = ["CustomEnv", "DialogEnv", "EpisodeEnv", "TextEnv", "Turn", "make_env"]
 
 
 def make_env(cfg, model, rewards=None):
-    """The environment `cfg.env.kind` names: TextEnv (single turn) or DialogEnv (multi-turn)."""
+    """The environment `cfg.env.kind` names."""
     if cfg.env.kind == "dialog":
         return DialogEnv(cfg, model, rewards)
+    if cfg.env.kind == "custom":
+        return CustomEnv(cfg, model.tokenizer, rewards)
     return TextEnv(cfg, model.tokenizer, rewards)

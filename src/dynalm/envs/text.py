@@ -11,15 +11,42 @@ from __future__ import annotations
 
 from ..config import Config
 from ..data import render_template
+from ..models.generation import render_prompt
 from ..rewards import RewardSet, ScoredTerms
-from ..rl.rollout import render_prompt
+from .base import Turn
 
 
 class TextEnv:
+    """One turn: the prompt, the completion, its reward. `begin`/`advance` are the batched
+    episode interface the rollout drives (envs/base.py); `reset(row)` and `step(rows,
+    completions)` are the same environment for the planners, which score candidates and
+    partial texts themselves."""
+
+    max_turns = 1
+
     def __init__(self, cfg: Config, tokenizer, rewards: RewardSet | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.rewards = rewards if rewards is not None else RewardSet(cfg.rewards)
+        self._rows: list[dict] = []
+
+    # ------------------------------------------------------------------ episodes (rl/episodes.py)
+    def begin(self, rows: list[dict], *, training: bool) -> tuple[list[str], list[str]]:
+        self._rows = list(rows)
+        return [self.reset(r) for r in rows], [str(r[self.cfg.data.prompt_field]) for r in rows]
+
+    def advance(self, live, replies, last_tokens, ended, *, training: bool, generator=None, score: bool = True) -> Turn:
+        n = len(live)
+        if not score:  # scored by the caller (Dyna: a share by the true reward, the rest by its model)
+            return Turn([0.0] * n, {}, [True] * n, [False] * n, [None] * n)
+        _, scored, _ = self.step([self._rows[i] for i in live], list(replies), list(ended), training=training)
+        return Turn(list(scored.scores), scored.terms, [True] * n, [False] * n, [None] * n)
+
+    def transcripts(self) -> list[list[dict]]:
+        return []
+
+    def episode_info(self) -> dict:
+        return {}
 
     def reset(self, row: dict) -> str:
         """The initial state: the prompt as the model sees it."""

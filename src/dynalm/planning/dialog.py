@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rl.rollout import decode_completions, encode_prompts, sample
+from ..models.generation import decode_completions, encode_prompts, sample
 
 
 @dataclass

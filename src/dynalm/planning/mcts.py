@@ -51,7 +51,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import UserError
-from ..rl.rollout import stop_ids
+from ..models.generation import stop_ids
 from . import kv as kvx
 from .config import PlannerConfig
 

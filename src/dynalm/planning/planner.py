@@ -16,7 +16,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import UserError
-from ..rl.rollout import decode_completions, encode_prompts, sample
+from ..models.generation import decode_completions, encode_prompts, sample
 from .config import PlannerConfig
 from .mcts import PathReward, StepStats, TokenMCTS, decode
 

@@ -9,16 +9,13 @@ number per completion) and logged on its own; the sequence score is their weight
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from ..config import RewardTerm
 from ..errors import UserError
+from ..loader import load_callable
 from . import dialog, models, tasks, text
 
 RewardFn = Callable[..., list[float]]
@@ -57,27 +54,6 @@ def register(name: str, fn: RewardFn | None = None):
     return deco(fn) if fn is not None else deco
 
 
-def _load_file_function(spec: str) -> RewardFn:
-    path_s, _, fn_name = spec.rpartition(":")
-    path = Path(path_s)
-    if not path.is_file():
-        raise UserError(f"reward file '{path_s}' not found", "give 'path/to/file.py:function'")
-    mod_name = f"dynalm_user_reward_{abs(hash(str(path.resolve())))}"
-    module = sys.modules.get(mod_name)
-    if module is None:
-        ispec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(ispec)
-        try:
-            ispec.loader.exec_module(module)
-        except Exception as exc:  # the user's file failed to import
-            raise UserError(f"reward file '{path_s}' failed to import: {type(exc).__name__}: {exc}", "fix the file") from None
-        sys.modules[mod_name] = module
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"reward file '{path_s}' has no function '{fn_name}'", "check the name after the colon")
-    return fn
-
-
 def resolve(name: str) -> RewardFn:
     """A reward function from a built-in name, 'file.py:fn' or 'package.module:fn'."""
     if name in BUILTINS:
@@ -87,19 +63,7 @@ def resolve(name: str) -> RewardFn:
 
         return resolve_learned(name)
     if ":" in name:
-        target, _, fn_name = name.rpartition(":")
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            return _load_file_function(name)
-        if not target:
-            raise UserError(f"reward '{name}' names no module before the colon", "write 'package.module:function' or 'file.py:function'")
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:  # ImportError, or the user's module failing as it imports
-            raise UserError(f"reward module '{target}' cannot be imported: {type(exc).__name__}: {exc}", "check the module path") from None
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise UserError(f"module '{target}' has no function '{fn_name}'", "check the name after the colon")
-        return fn
+        return load_callable(name, what="reward")
     import difflib
 
     close = difflib.get_close_matches(name, BUILTINS, n=1)

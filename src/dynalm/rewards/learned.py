@@ -220,7 +220,7 @@ class RewardModel(nn.Module):
     # ------------------------------------------------------------------ text → tokens
     def render(self, prompt: str) -> str:
         """The prompt as the trunk sees it: `template`, then the chat template when there is one."""
-        from ..rl.rollout import render_prompt
+        from ..models.generation import render_prompt
 
         return render_prompt(self.tokenizer, self.cfg.template.format(prompt=prompt), chat=True, system_prompt=None)
 

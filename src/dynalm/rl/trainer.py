@@ -23,14 +23,14 @@ import torch
 from ..config import Config
 from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
 from ..dyna import Dyna
-from ..envs import DialogEnv, TextEnv, make_env
+from ..envs import EpisodeEnv, make_env
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
 from . import losses
 from .batch import Batch
 from .kl import KLController
-from .rollout import rollout
+from .episodes import rollout
 
 
 class NonFiniteError(UserError):
@@ -379,7 +379,7 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: TextEnv | DialogEnv | None = None,
+        self, cfg: Config, model: PolicyValueModel, train_rows: list[dict], env: EpisodeEnv | None = None,
         dist: Dist | None = None,
     ):
         self.cfg = cfg
@@ -391,7 +391,8 @@ class Trainer:
         self.sched = build_scheduler(self.opt, cfg)
         k = cfg.kl
         self.kl_ctl = KLController(k.coef, k.target if k.adaptive else None, k.horizon)
-        self.sampler = PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle)
+        # rows that stand for seeds (an environment without data) are taken in order: a counter
+        self.sampler = PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle and not getattr(train_rows, "ordered", False))
         dev = model.device
         rank = dist.rank if dist is not None else 0
         self.gen = torch.Generator(device=dev).manual_seed(rank_seed(cfg.seed, rank))
@@ -520,24 +521,13 @@ class Trainer:
             idx = idx[self.dist.rank * k : (self.dist.rank + 1) * k]
         rows = [self.rows[i] for i in idx for _ in range(n)]
         group = [g for g in range(len(idx)) for _ in range(n)]
-        dialog = isinstance(self.env, DialogEnv)
         info: dict = {}
         failed = False
-        try:
-            if dialog:  # multi-turn: the env samples every turn, simulates the user and scores each turn
-                batch, trunc, info = self.env.rollout(self.model, rows, group, generator=self.gen, training=True)
-            else:
-                states = [self.env.reset(r) for r in rows]
-                batch, trunc = rollout(
-                    self.model,
-                    rows,
-                    states,
-                    cfg.generation,
-                    max_prompt_tokens=cfg.model.max_prompt_tokens,
-                    group=group,
-                    prompt_field=cfg.data.prompt_field,
-                    generator=self.gen,
-                )
+        try:  # one rollout for every environment: it samples each turn, the env answers and scores it
+            batch, trunc, info = rollout(
+                self.model, self.env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
+                prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None,
+            )
         except RuntimeError as exc:
             # Diverged weights (finite but huge) first show here: torch.multinomial refuses
             # inf/nan probabilities. Not skippable: the weights themselves are broken.
@@ -552,19 +542,13 @@ class Trainer:
             )
         t1 = time.perf_counter()
 
-        dev = batch.action_mask.device
-        if dialog:
-            t1 -= info.pop("time/reward")  # the turn rewards were computed inside the rollout
-            self.reward_calls += len(batch)
-        elif self.dyna is not None:
+        t_env = info.pop("time/env")  # the environment answered (and, without Dyna, scored) inside the rollout
+        t1 -= t_env
+        if self.dyna is not None:
             t2 = self._dyna_score(batch, rows, group, step, info)
         else:
-            _, scored, _ = self.env.step(rows, batch.completions, batch.ended.tolist(), training=True)
-            batch.scores = torch.tensor(scored.scores, dtype=torch.float32, device=dev)
-            batch.reward_terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in scored.terms.items()}
+            t2 = t1 + t_env
             self.reward_calls += len(batch)
-        if self.dyna is None:
-            t2 = time.perf_counter()
         return self.learn(batch, info, times=(t0, t1, t2), truncated=trunc)
 
     def learn(self, batch: Batch, info: dict | None = None, *, times: tuple | None = None, truncated: int = 0) -> StepResult:

@@ -1,8 +1,11 @@
-"""Batched sampling with a KV cache.
+"""Text generation, for every part that writes text: render, encode, sample, decode.
 
-One prefill over the left-padded prompts, then one incremental forward per new token.
-The same pass records log π(a_t|s_t) (at the sampling temperature, before top-k/top-p
-truncation, as TRL does) and V(s_t), so the update needs no extra forward for them.
+The chat template renders a prompt or a whole conversation; `glue_text` is the text that
+continues a conversation after a sampled assistant turn (the template's end of that turn,
+the new messages, the cue for the next one), so a multi-turn episode is built from token
+ids and never re-tokenised. `sample` is one prefill over left-padded prompts and one
+incremental forward per new token with the KV cache; the same pass records log π(a_t|s_t)
+(at the sampling temperature, before top-k/top-p truncation, as TRL does) and V(s_t).
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import torch
 
 from ..config import GenerationConfig
-from ..models.policy import PolicyValueModel, position_ids_from_mask
-from .batch import Batch
+from ..errors import UserError
+from .policy import PolicyValueModel, position_ids_from_mask
+
+_SENTINEL = "@@DYNALM-ASSISTANT-TURN@@"
+_ROLE_NAMES = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
 
 
 def render_prompt(tokenizer, text: str, *, chat: bool, system_prompt: str | None) -> str:
@@ -177,32 +183,52 @@ def decode_completions(tokenizer, ids: torch.Tensor, action_mask: torch.Tensor, 
     return out
 
 
-def rollout(
-    model: PolicyValueModel,
-    rows: list[dict],
-    rendered: list[str],
-    gen: GenerationConfig,
-    *,
-    max_prompt_tokens: int,
-    group: list[int],
-    prompt_field: str = "prompt",
-    generator: torch.Generator | None = None,
-) -> tuple[Batch, int]:
-    """Sample one completion per entry of `rendered`; returns (batch, n_truncated_prompts)."""
-    p_ids, p_mask, truncated = encode_prompts(model.tokenizer, rendered, max_prompt_tokens, model.device)
-    ids, attn, amask, logp, values, ended = sample(model, p_ids, p_mask, gen, generator=generator)
-    completions = decode_completions(model.tokenizer, ids, amask, ended)
-    extra_keys = sorted({k for r in rows for k in r if k != prompt_field})
-    batch = Batch(
-        input_ids=ids,
-        attention_mask=attn,
-        action_mask=amask,
-        logprobs=logp,
-        values=values,
-        prompts=[str(r[prompt_field]) for r in rows],
-        completions=completions,
-        group=torch.tensor(group, dtype=torch.long, device=ids.device),
-        ended=ended,
-        extras={k: [r.get(k) for r in rows] for k in extra_keys},
-    )
-    return batch, truncated
+def has_chat_template(tokenizer, chat: bool = True) -> bool:
+    return chat and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_messages(tokenizer, messages: list[dict], *, chat: bool, system_prompt: str | None) -> str:
+    """A conversation as the model sees it before its next turn: the chat template with the
+    generation cue, or a plain transcript ending in 'Assistant:' without one."""
+    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + list(messages)
+    if has_chat_template(tokenizer, chat):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    lines = [f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in msgs if m["role"] != "system"]
+    head = f"{system_prompt}\n\n" if system_prompt else ""
+    return head + "\n".join(lines) + "\nAssistant:"
+
+
+def glue_text(
+    tokenizer, messages: list[dict], new_messages: list[dict], last_token: int | None, *, chat: bool, system_prompt: str | None
+) -> str:
+    """The text between the end of a sampled assistant turn and the next one: the end of the
+    assistant's message (unless `last_token`, the turn's last sampled token, is the
+    template's own end-of-turn token and so already closed it), `new_messages` (the user's
+    reply, a tool's result, ...), and the cue for the assistant. `messages` is the
+    conversation before the assistant's turn; `last_token` is None for a turn cut at the
+    token limit, and a turn that stopped on another stop id keeps the template's marker."""
+    if has_chat_template(tokenizer, chat):
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + list(messages)
+        msgs += [{"role": "assistant", "content": _SENTINEL}, *new_messages]
+        full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        suffix = full[full.rindex(_SENTINEL) + len(_SENTINEL) :]
+        head = suffix.lstrip()
+        if last_token is not None and head:
+            first = tokenizer(head, add_special_tokens=False)["input_ids"][:1]
+            marker = tokenizer.decode([last_token])
+            if first == [last_token] and marker and head.startswith(marker):
+                # the sampled token is the template's end-of-turn marker: it closed the message
+                suffix = head[len(marker) :]
+        return suffix
+    lines = "".join(f"\n{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in new_messages)
+    return lines + "\nAssistant:"
+
+
+def check_context_length(model: PolicyValueModel, prompt_len: int, new: int, what: str) -> None:
+    """One line, not a CUDA/index error, when a context would pass the model's positions."""
+    limit = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
+    if limit and prompt_len + new > limit:
+        raise UserError(
+            f"{what} reaches {prompt_len + new} tokens, past the model's {limit} positions",
+            "lower env.turns / env.max_turns, generation.max_new_tokens or the observations' length",
+        )
