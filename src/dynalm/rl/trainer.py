@@ -1,9 +1,9 @@
 """The training loop: rollout → score → reference → rewards → advantages → update → log.
 
 Reads top to bottom, one step at a time. Each stage adds fields to the Batch; none reaches
-back into an earlier one. With `env.kind: dialog` the rollout and scoring stages are the
-DialogEnv's multi-turn rollout (envs/dialog.py); the later stages are shared, acting on the
-assistant's tokens only (the action mask).
+back into an earlier one. The rollout is the one of every environment (rl/episodes.py): the
+env answers and scores each turn; the later stages act on the assistant's tokens only (the
+action mask), single-turn or multi-turn alike.
 
 With a `Dist` (several processes, see distributed.py) each process rolls out its share of
 the step's prompts and the stages that look across the batch (whitening, the update, the
