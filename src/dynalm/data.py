@@ -133,12 +133,30 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def is_messages(v) -> bool:
+    """A prompt in TRL's conversational format: a non-empty list of {role, content} messages."""
+    return (
+        isinstance(v, list) and bool(v)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
+    )
+
+
+def prompt_text(row: dict, prompt_field: str) -> str:
+    """The prompt as text: itself, or a conversation's last user message (what reward functions get as `prompts`)."""
+    v = row[prompt_field]
+    if is_messages(v):
+        return next((m["content"] for m in reversed(v) if m["role"] == "user"), v[-1]["content"])
+    return str(v)
+
+
 def _check_row(spec: str, line: int, row: dict, field: str) -> None:
     if field not in row:
         raise UserError(f"{spec}: line {line} has no field '{field}'", "add it or set data.prompt_field")
     v = row[field]
-    if not isinstance(v, str) or not v.strip():
-        raise UserError(f"{spec}: line {line}: field '{field}' must be a non-empty string", "fix that line")
+    if not is_messages(v) and (not isinstance(v, str) or not v.strip()):
+        raise UserError(
+            f"{spec}: line {line}: field '{field}' must be a non-empty string or a list of chat messages", "fix that line"
+        )
 
 
 def render_template(template: str, row: dict, prompt_field: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .config import Config
+from .data import prompt_text
 from .envs import TextEnv
 from .models.policy import PolicyValueModel
 from .metrics import self_bleu
@@ -95,7 +96,7 @@ def evaluate_side(
         for k, v in scored.terms.items():
             terms.setdefault(k, []).extend(v)
         scores += scored.scores
-        prompts += [str(r[cfg.data.prompt_field]) for r in chunk]
+        prompts += [prompt_text(r, cfg.data.prompt_field) for r in chunk]
         completions += comps
     secs = time.perf_counter() - t0
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731

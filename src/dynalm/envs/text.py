@@ -10,8 +10,8 @@ frozen reference policy as P_env; the trainer adds it from the reference log-pro
 from __future__ import annotations
 
 from ..config import Config
-from ..data import render_template
-from ..models.generation import render_prompt
+from ..data import is_messages, prompt_text, render_template
+from ..models.generation import render_messages, render_prompt
 from ..rewards import RewardSet, ScoredTerms
 from .base import Turn
 
@@ -33,7 +33,7 @@ class TextEnv:
     # ------------------------------------------------------------------ episodes (rl/episodes.py)
     def begin(self, rows: list[dict], *, training: bool) -> tuple[list[str], list[str]]:
         self._rows = list(rows)
-        return [self.reset(r) for r in rows], [str(r[self.cfg.data.prompt_field]) for r in rows]
+        return [self.reset(r) for r in rows], [prompt_text(r, self.cfg.data.prompt_field) for r in rows]
 
     def advance(self, live, replies, last_tokens, ended, *, training: bool, generator=None, score: bool = True) -> Turn:
         n = len(live)
@@ -50,9 +50,10 @@ class TextEnv:
 
     def reset(self, row: dict) -> str:
         """The initial state: the prompt as the model sees it."""
-        d = self.cfg.data
+        d, m = self.cfg.data, self.cfg.model
+        if is_messages(row[d.prompt_field]):  # TRL's conversational format: the conversation itself, no template
+            return render_messages(self.tokenizer, row[d.prompt_field], chat=m.use_chat_template, system_prompt=m.system_prompt)
         text = render_template(d.template, row, d.prompt_field)
-        m = self.cfg.model
         return render_prompt(self.tokenizer, text, chat=m.use_chat_template, system_prompt=m.system_prompt)
 
     def step(
@@ -64,8 +65,11 @@ class TextEnv:
         `ended`: whether each completion stopped at EOS rather than the token limit.
         `training` lets normalised reward terms update their running statistics.
         """
-        prompts = [str(r[self.cfg.data.prompt_field]) for r in rows]
-        extras = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {self.cfg.data.prompt_field})}
+        prompts = [prompt_text(r, self.cfg.data.prompt_field) for r in rows]
+        pf = self.cfg.data.prompt_field
+        extras = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {pf})}
+        if any(is_messages(r[pf]) for r in rows):  # conversational rows: the whole conversation too
+            extras["prompt_messages"] = [r[pf] if is_messages(r[pf]) else [{"role": "user", "content": str(r[pf])}] for r in rows]
         extras["ended"] = list(ended) if ended is not None else [True] * len(rows)
         scored = self.rewards(prompts, completions, update_stats=training, **extras)
         next_states = [self.reset(r) + c for r, c in zip(rows, completions)]

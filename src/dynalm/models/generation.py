@@ -194,7 +194,8 @@ def render_messages(tokenizer, messages: list[dict], *, chat: bool, system_promp
     if has_chat_template(tokenizer, chat):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     lines = [f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in msgs if m["role"] != "system"]
-    head = f"{system_prompt}\n\n" if system_prompt else ""
+    system = "\n".join(m["content"] for m in msgs if m["role"] == "system" and m["content"])
+    head = f"{system}\n\n" if system else ""
     return head + "\n".join(lines) + "\nAssistant:"
 
 

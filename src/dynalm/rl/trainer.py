@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..data import prompt_text
 from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
 from ..dyna import Dyna
 from ..envs import EpisodeEnv, make_env
@@ -491,7 +492,7 @@ class Trainer:
         def true_score(idx: list[int]):
             return self.env.step([rows[i] for i in idx], [batch.completions[i] for i in idx], [ended[i] for i in idx], training=True)[1]
 
-        prompts = [str(r[cfg.data.prompt_field]) for r in rows]
+        prompts = [prompt_text(r, cfg.data.prompt_field) for r in rows]
         scores, idx, metrics, scored = self.dyna.score_step(step, prompts, batch.completions, group, feats, true_score)
         self.reward_calls += len(idx)
         dev = batch.action_mask.device
