@@ -1,6 +1,6 @@
 """Dyna vs plain training: true-reward calls needed to reach an eval reward target.
 
-    python benchmarks/dyna.py [--seeds 0 1 2] [--steps 30] [--eval-every 5] [--eval-prompts 16]
+    python benchmarks/dyna.py [--seeds 0 1 2] [--steps 30] [--eval-every 5] [--eval-prompts 16] [--reuse OLD.json]
                               [--target-delta 0.10] [--true-fraction 0.25]
 
 The story preset (configs/story.yaml) with its composite reward treated as the expensive
@@ -63,7 +63,13 @@ def main() -> None:
     ap.add_argument("--target-delta", type=float, default=0.10)
     ap.add_argument("--true-fraction", type=float, default=0.25)
     ap.add_argument("--set", action="append", default=[], help="extra overrides for both modes")
+    ap.add_argument(
+        "--reuse", default=None,
+        help="a dyna.json whose (seed, mode) runs are taken instead of re-run (marked 'reused_from' in the result); "
+        "e.g. plain runs, which no Dyna change touches",
+    )
     a = ap.parse_args()
+    old = {(r["seed"], r["mode"]): r for r in json.loads(Path(a.reuse).read_text())["runs"]} if a.reuse else {}
     argv = " ".join(sys.argv[1:])
     out = {
         "machine": machine(),
@@ -73,6 +79,9 @@ def main() -> None:
     }
     for seed in a.seeds:
         for mode in ("plain", "dyna"):
+            if (seed, mode) in old:
+                out["runs"].append({**old[(seed, mode)], "reused_from": old[(seed, mode)].get("reused_from", a.reuse)})
+                continue
             run = Path("runs") / f"bench-dyna-{mode}-s{seed}"
             sets = [
                 f"seed={seed}", f"train.steps={a.steps}", f"eval.every={a.eval_every}", f"eval.max_prompts={a.eval_prompts}",

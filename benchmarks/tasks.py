@@ -4,7 +4,8 @@
 
 Writes benchmarks/results/NAME.json (tasks.json by default); the README's task table quotes
 it. `--tasks dialog --name dialog` measures the dialog preset (a sample eval conversation
-from each side is kept in the result).
+from each side is kept in the result); `--tasks guess calculator --name envs` the two example
+environments (mean return, success rate, turns per episode).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result  # noqa: E402
 
-KEYS = ["reward", "kl", "distinct2", "self_bleu", "mean_length", "eos_rate", "reward/repetition"]
+KEYS = ["reward", "kl", "distinct2", "self_bleu", "mean_length", "eos_rate", "reward/repetition",
+        "turns_per_episode", "success_rate", "truncated_rate"]  # the last three: multi-turn environments
 
 
 def main() -> None:

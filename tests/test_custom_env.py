@@ -215,7 +215,9 @@ def test_example_environments():
     obs, r, term, _, info = calc.step(f"Answer: {ans}")
     assert r == 1.0 and term and info["success"]
     calc.reset(seed=3)
-    assert calc.step(f"Answer: {ans + 1}")[1] == 0.0
+    assert calc.step(f"Answer: {ans + 1}")[1] == 0.1  # the asked-for format, the wrong number
+    calc.reset(seed=3)
+    assert calc.step("I do not know")[1] == 0.0
 
     game = load("guess_number").make_env(low=1, high=20, max_guesses=6)
     _, info = game.reset(seed=5)
@@ -223,5 +225,28 @@ def test_example_environments():
     assert game.reset(seed=5)[1]["secret"] == secret  # the seed fixes the game
     obs, r, term, _, _ = game.step(str(secret - 1) if secret > 1 else str(secret + 1))
     assert ("Higher" in obs if secret > 1 else "Lower" in obs) and r == -0.05 and not term
+    obs, r, term, _, _ = game.step("no idea")
+    assert obs.startswith("Please reply with just a number") and r == pytest.approx(-0.15) and not term
     obs, r, term, _, info = game.step(f"It is {secret}")
     assert obs == "Correct!" and r == pytest.approx(0.95) and term and info["success"]
+
+
+def test_the_readme_environment_trains_under_grpo_and_ppo(tiny_llama, prompts_file, tmp_path):
+    """The environment of the README's "Bring your own environment", as a user copies it."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"```python\n# my_env.py\n(.*?)```", readme.read_text(), re.DOTALL).group(1)
+    (tmp_path / "my_env.py").write_text(block)
+    for algo in ("grpo", "ppo"):
+        over = tiny_overrides(tiny_llama, prompts_file, algorithm={"name": algo, "num_generations": 2 if algo == "grpo" else 1},
+                              eval={"max_prompts": 2})
+        over.pop("data"), over.pop("rewards")
+        over["env"] = {"kind": "custom", "factory": f"{tmp_path / 'my_env.py'}:make_env", "max_turns": 8}
+        p = tmp_path / f"{algo}.yaml"
+        p.write_text(yaml.safe_dump(over))
+        run = tmp_path / algo
+        assert main(["train", "-c", str(p), "--out", str(run)]) == 0
+        ev = json.loads((run / "eval.json").read_text())
+        assert 1 <= ev["trained"]["turns_per_episode"] <= 5 and "success_rate" in ev["trained"]

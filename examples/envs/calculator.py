@@ -5,7 +5,8 @@ Each episode is one problem (from the seed). The assistant may call the calculat
     <tool_call>{"name": "calculator", "arguments": {"expression": "37 - 18"}}</tool_call>
 
 and gets the result back as a `tool` message; any other turn is its final answer, scored
-1 when its last number equals the answer (and `success`), else 0. A turn that calls the
+1 when its last number equals the answer (and `success`), 0.1 when it is a wrong number
+written as "Answer: N" (the format the prompt asks for), else 0. A turn that calls the
 tool costs nothing; a malformed call gets an error message as the tool's result.
 
     dynalm train -c configs/calculator.yaml
@@ -80,7 +81,9 @@ class Calculator:
             return tool_result(result), 0.0, False, False, {"tool_calls": self.calls}
         nums = _NUM.findall(action.split("Answer:")[-1])
         right = bool(nums) and float(nums[-1]) == float(self.answer)
-        return "", float(right), True, False, {"success": right, "tool_calls": self.calls}
+        formatted = "Answer:" in action and bool(nums)
+        reward = 1.0 if right else (0.1 if formatted else 0.0)
+        return "", reward, True, False, {"success": right, "tool_calls": self.calls}
 
 
 def make_env(**kwargs):
