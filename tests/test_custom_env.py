@@ -115,6 +115,18 @@ def test_an_episode_that_never_ends_is_cut_at_max_turns(tiny_llama, prompts_file
     assert not batch.ended.any()
 
 
+def test_a_custom_env_with_one_turn_still_keeps_its_transcript(tiny_llama, prompts_file, env_file):
+    """max_turns 1 used to take the text env's single-turn shortcut: no transcript, no episode
+    info, and eval of such a run failed."""
+    cfg = _cfg(tiny_llama, prompts_file, env_file, env={"max_turns": 1})
+    model = PolicyValueModel.from_config(build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2})))
+    batch, _, info = rollout(model, CustomEnv(cfg, model.tokenizer), [SeedRow(seed=1)] * 2, [0, 0], cfg.generation, max_prompt_tokens=64)
+    assert info["episode/turns"] == 1 and info["episode/truncated"] == 1.0
+    for tr in batch.extras["transcript"]:
+        assert [t["role"] for t in tr] == ["user", "assistant", "tool"]  # cut: the env's answer is kept
+        assert tr[1]["reward"] == float(tr[1]["content"].count("a"))
+
+
 def test_configured_rewards_compose_per_turn_or_on_the_last_turn(tiny_llama, prompts_file, env_file, tmp_path):
     (tmp_path / "r.py").write_text("def bonus(completions, turn, **kw):\n    return [10.0 * t for t in turn]\n")
     model = PolicyValueModel.from_config(build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2})))

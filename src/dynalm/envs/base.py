@@ -45,6 +45,10 @@ class EpisodeEnv(Protocol):
     """The batched interface `rl.episodes.rollout` drives; one rollout at a time."""
 
     max_turns: int  # assistant turns at most; episodes still running after them are truncated
+    # True only for an environment whose episode is the prompt and one completion with no
+    # transcript (TextEnv): the rollout then samples once and skips the turn bookkeeping.
+    # A multi-turn env configured with max_turns 1 keeps False and still writes transcripts.
+    single_turn: bool = False
 
     def begin(self, rows: list[dict], *, training: bool) -> tuple[list[str], list[str]]:
         """Start one episode per row: (the rendered first prompt, its plain text for logs)."""

@@ -23,6 +23,7 @@ class TextEnv:
     partial texts themselves."""
 
     max_turns = 1
+    single_turn = True
 
     def __init__(self, cfg: Config, tokenizer, rewards: RewardSet | None = None):
         self.cfg = cfg

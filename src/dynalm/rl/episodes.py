@@ -14,7 +14,7 @@ flows across turns through the value head (GAE/TD skip the masked gaps) with
 `env.turn_gamma` between turns (rl/advantages.py). An episode still running after
 `env.max_turns` turns is cut there and counted as truncated.
 
-A single-turn environment (max_turns 1) gives exactly the batch of plain sampling: no
+A single-turn environment (`env.single_turn`, the text env) gives exactly the batch of plain sampling: no
 turn ids, the score on the last token.
 """
 
@@ -62,7 +62,7 @@ def rollout(
     p_ids, p_mask, truncated = encode_prompts(tok, rendered, max_prompt_tokens, dev)
     B, P = p_ids.shape
     grp = torch.tensor(group, dtype=torch.long, device=dev)
-    if env.max_turns == 1:
+    if getattr(env, "single_turn", False):
         ids, attn, amask, logp, values, ended = sample(
             model, p_ids, p_mask, gen, generator=generator, with_values=with_values, use_reference=use_reference
         )

@@ -450,9 +450,10 @@ class Trainer:
         self.update_gen.set_state(s["update_gen"])
         self.skipped_batches = s.get("skipped_batches", 0)  # absent in checkpoints from before the option
         self.reward_calls = s.get("reward_calls", 0)
+        # reward statistics first: a Dyna refit on load re-normalises its buffer with them
+        self.env.rewards.load_state_dict(s.get("reward_stats", {}))
         if self.dyna is not None and s.get("dyna") is not None:
             self.dyna.load_state_dict(s["dyna"])
-        self.env.rewards.load_state_dict(s.get("reward_stats", {}))
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
