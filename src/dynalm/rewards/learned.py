@@ -35,6 +35,7 @@ from torch import nn
 from ..checkpoint import fsync_path
 from ..data import jsonl_objects, read_text
 from ..errors import UserError
+from ..integrity import MANIFEST, DamagedFile, check_folder, load_safetensors, write_manifest
 
 WEIGHTS_FILE = "reward_model.safetensors"
 META_FILE = "reward_model.json"
@@ -459,11 +460,12 @@ def save_reward_model(model: RewardModel, out_dir: Path | str, metrics: dict | N
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         for f in (WEIGHTS_FILE, META_FILE):
             fsync_path(tmp / f)
+        write_manifest(tmp, kind="reward_model")
         fsync_path(tmp)
         if not out_dir.exists():
             os.replace(tmp, out_dir)
         else:
-            for f in (WEIGHTS_FILE, META_FILE):
+            for f in (WEIGHTS_FILE, META_FILE, MANIFEST):
                 os.replace(tmp / f, out_dir / f)
             fsync_path(out_dir)
             tmp.rmdir()
@@ -562,8 +564,6 @@ def _model_dir(path: Path | str) -> Path:
 
 def load_reward_model(path: Path | str, device: torch.device | str | None = None) -> RewardModel:
     """Rebuild a saved reward model from its folder (or either of its two files)."""
-    from safetensors.torch import load_file
-
     d = _model_dir(path)
     meta_p, weights_p = d / META_FILE, d / WEIGHTS_FILE
     if not meta_p.is_file() or not weights_p.is_file():
@@ -571,13 +571,19 @@ def load_reward_model(path: Path | str, device: torch.device | str | None = None
             f"'{path}' is not a saved reward model (needs {META_FILE} and {WEIGHTS_FILE})",
             "train one with `dynalm train-rm` and give its output folder",
         )
+    fix = "retrain it with `dynalm train-rm`, or restore the folder from a copy"
+    check_folder(d, "reward model", fix)
     try:
         meta = json.loads(meta_p.read_text(encoding="utf-8"))
         cfg = RewardModelConfig.model_validate(meta["config"])
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{meta_p}: not a valid reward model description ({type(exc).__name__})", "retrain the reward model") from None
     model = RewardModel.build(cfg, device=device)
-    model.load_trainable_state_dict(load_file(str(weights_p)))
+    try:
+        weights = load_safetensors(weights_p)
+    except DamagedFile as exc:
+        raise UserError(f"reward model '{d}' is damaged: {exc.reason}", fix) from None
+    model.load_trainable_state_dict(weights)
     model.eval()
     return model
 
