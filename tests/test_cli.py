@@ -100,7 +100,7 @@ def test_existing_run_is_refused_and_untouched(tiny_llama, tmp_path, prompts_fil
 ERROR_CASES = [
     (["train", "-c", "nope.yaml"], "dynalm: error: config file 'nope.yaml' not found (check the path, e.g. configs/story.yaml)"),
     (["train", "-c", "{cfg}", "--set", "train.stpes=3"], "dynalm: error: unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
-    (["train", "-c", "{cfg}", "--set", "algorithm.name=dqn"], "dynalm: error: config key 'algorithm.name': Input should be 'a2c', 'ppo', 'grpo' or 'rloo', got 'dqn' (fix the value in the config or with --set)"),
+    (["train", "-c", "{cfg}", "--set", "algorithm.name=dqn"], "dynalm: error: config key 'algorithm.name': Input should be 'a2c', 'ppo', 'grpo', 'rloo' or 'reinforce_pp', got 'dqn' (fix the value in the config or with --set)"),
     (["train", "-c", "{cfg}", "--set", "train.steps=-1"], "dynalm: error: config key 'train.steps': Input should be greater than or equal to 0, got -1 (fix the value in the config or with --set)"),
     (["train", "-c", "{cfg}", "--set", "algorithm.name=ppo", "--set", "model.value_head=false"], "dynalm: error: invalid config: algorithm ppo needs a value head but model.value_head is false (fix the config)"),
     (["train", "-c", "{cfg}", "--set", "algorithm.name=grpo"], "dynalm: error: invalid config: algorithm.num_generations must be >= 2 for grpo (group baselines need several completions per prompt) (fix the config)"),

@@ -5,6 +5,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dynalm.rl.algorithms import ALGORITHMS
 from dynalm.config import Config, deep_merge, dump_config, load_config, parse_set
 from dynalm.errors import UserError
 
@@ -21,7 +22,7 @@ def test_shipped_configs_load():
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.task == name
     seed = load_config("configs/seed.yaml")
-    assert seed.algorithm.name == "a2c" and seed.algorithm.advantage_kind == "td"
+    assert seed.algorithm.name == "a2c" and (seed.algorithm.advantage or ALGORITHMS["a2c"].default_advantage) == "td"
     assert len(seed.data.prompts) == 5 and seed.generation.max_new_tokens == 50
     assert seed.train.learning_rate == 1e-4 and seed.log.print_episodes
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .rl.algorithms import ALGORITHMS
 
 
 class _Section(BaseModel):
@@ -77,6 +78,10 @@ class RolloutConfig(_Section):
         None,
         description="Take π_old (and V_old) from a no-grad training forward after the rollout instead of the KV-cache "
         "decode (TRL's way): under bf16 the two use different kernels, so PPO's first ratio is not 1; null = on on CUDA, off on CPU.",
+    )
+    is_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling: weight each token's loss by min(π_old/π_rollout, cap) when "
+        "π_old is recomputed (recompute_logprobs) and the sampler's log-probs differ; null = off."
     )
 
 
@@ -168,7 +173,9 @@ class EnvConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["a2c", "ppo", "grpo", "rloo"] = Field("ppo", description="Update rule.")
+    name: Literal["a2c", "ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "ppo", description="Update rule: " + "; ".join(f"{a.name} = {a.summary}" for a in ALGORITHMS.values()) + "."
+    )
     advantage: Literal["td", "gae"] | None = Field(
         None, description="Token advantages for a2c/ppo: td = TD(0), gae = GAE(λ); null = td for a2c, gae for ppo."
     )
@@ -184,17 +191,25 @@ class AlgorithmConfig(_Section):
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null = off.")
     target_kl: float | None = Field(None, gt=0, description="Stop the epochs early when approx_kl exceeds this.")
-    scale_rewards: bool = Field(True, description="grpo: divide group advantages by the group std.")
+    scale_rewards: bool = Field(
+        True, description="grpo: divide group advantages by the group std (Dr. GRPO recommends false: the std biases "
+        "towards groups that are almost all right or all wrong)."
+    )
+    clip_range_high: float | None = Field(
+        None, gt=0, description="Upper ratio clip ε_high (DAPO's clip-higher, e.g. 0.28 with clip_range 0.2); null = clip_range."
+    )
+    loss_agg: Literal["token_mean", "sequence_mean", "constant"] = Field(
+        "token_mean", description="Policy-loss aggregation: token_mean over the minibatch's tokens (DAPO); sequence_mean "
+        "of each row's token mean (the GRPO paper); constant = token sum / (rows × max_new_tokens) (Dr. GRPO)."
+    )
+    importance_sampling: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token (PPO, GRPO) or one length-normalised ratio per sequence, clipped per "
+        "sequence (GSPO; use with loss_agg: sequence_mean and a small clip_range such as 0.003–0.004, as the paper)."
+    )
 
     @property
     def needs_value_head(self) -> bool:
-        return self.name in ("a2c", "ppo")
-
-    @property
-    def advantage_kind(self) -> str:
-        if self.name in ("grpo", "rloo"):
-            return "group"
-        return self.advantage or ("td" if self.name == "a2c" else "gae")
+        return ALGORITHMS[self.name].critic
 
 
 class TrainConfig(_Section):
@@ -325,10 +340,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_invariants(self) -> "Config":
         algo = self.algorithm
-        if algo.name in ("grpo", "rloo") and algo.num_generations < 2:
-            raise ValueError(
-                f"algorithm.num_generations must be >= 2 for {algo.name} (group baselines need several completions per prompt)"
-            )
+        entry = ALGORITHMS[algo.name]
+        if entry.needs_group and algo.num_generations < 2:
+            entry.check(algo, self.kl, self.train.batch_size)  # the group message first, as before
         if self.train.batch_size % algo.num_generations:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of algorithm.num_generations ({algo.num_generations})"
@@ -337,21 +351,7 @@ class Config(_Section):
             raise ValueError(f"algorithm {algo.name} needs a value head but model.value_head is false")
         if algo.minibatch_size is not None and algo.minibatch_size > self.train.batch_size:
             raise ValueError("algorithm.minibatch_size must not exceed train.batch_size")
-        if algo.name == "a2c" and (algo.epochs > 1 or (algo.minibatch_size or self.train.batch_size) < self.train.batch_size):
-            # a2c's loss −A·log π has no importance ratio: every gradient step after the first
-            # would use samples from a policy that is no longer the current one
-            raise ValueError(
-                "a2c is on-policy (its loss has no importance ratio): it takes one gradient step per batch; "
-                "set algorithm.epochs: 1 and algorithm.minibatch_size: null, or use algorithm.name: ppo"
-            )
-        if self.kl.estimator == "k3" and algo.name in ("a2c", "ppo", "rloo"):
-            # As a reward, the policy gradient of a per-token estimate k is E_π[∇log π · k]: for
-            # k1 that is ∇KL(π‖π_ref), for k3 it is ∇KL(π‖π_ref) − ∇KL(π_ref‖π), which nearly
-            # cancels near the reference (tests/test_losses.py checks both on a toy policy).
-            raise ValueError(
-                f"kl.estimator k3 as a reward gives {algo.name} a biased KL gradient; "
-                "use kl.estimator: k1 (k3 is right only inside grpo's loss)"
-            )
+        entry.check(algo, self.kl, self.train.batch_size)
         if self.data.prompts is not None and not self.data.prompts:
             raise ValueError("data.prompts is empty")
         if self.env.kind == "custom" and not self.env.factory:

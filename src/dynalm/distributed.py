@@ -73,6 +73,12 @@ def check_world(cfg, world_size: int) -> None:
             "dyna is not supported in data-parallel runs yet (each process would keep its own reward-model buffer)",
             "run Dyna in one process, or set dyna.enabled: false",
         )
+    if cfg.algorithm.loss_agg != "token_mean":
+        raise UserError(
+            f"algorithm.loss_agg {cfg.algorithm.loss_agg} is not supported in data-parallel runs yet "
+            "(the processes' losses are combined by their share of the tokens)",
+            "run it in one process, or set algorithm.loss_agg: token_mean",
+        )
     n = cfg.algorithm.num_generations
     prompts = cfg.train.batch_size // n
     if prompts % world_size:

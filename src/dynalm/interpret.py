@@ -24,7 +24,7 @@ def token_batch(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: in
     update would use: each row rolled out `algorithm.num_generations` times as one group,
     then the trainer's own `add_token_rewards` and `add_advantages` with β = `beta` (the
     run's adapted β; default: the model's `trained_beta`, else kl.coef) — group baselines, whitening and all."""
-    from .rl.trainer import add_advantages, add_token_rewards
+    from .rl.objectives import add_advantages, add_token_rewards
 
     if beta is None:
         beta = model.trained_beta if model.trained_beta is not None else cfg.kl.coef

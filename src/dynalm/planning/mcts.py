@@ -52,6 +52,7 @@ import torch
 from ..config import GenerationConfig
 from ..errors import UserError
 from ..models.generation import stop_ids
+from ..rl.algorithms import ALGORITHMS
 from . import kv as kvx
 from .config import PlannerConfig
 
@@ -75,7 +76,7 @@ def path_reward_for(cfg, model=None) -> PathReward:
     kl = cfg.planner.kl_coef
     if kl is None:
         beta = getattr(model, "trained_beta", None)
-        kl = (beta if beta is not None else cfg.kl.coef) if cfg.algorithm.name in ("a2c", "ppo") else 0.0
+        kl = (beta if beta is not None else cfg.kl.coef) if ALGORITHMS[cfg.algorithm.name].kl == "reward" else 0.0
     return PathReward(kl_coef=float(kl), fluency_coef=float(cfg.env.fluency_coef))
 
 

@@ -42,6 +42,9 @@ class Batch:
     # advantages
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
+    # the sampler's own log-probs when π_old was recomputed by the training model (rollout.recompute_logprobs);
+    # truncated importance sampling (rollout.is_cap) weighs by their gap
+    rollout_logprobs: torch.Tensor | None = None
 
     @property
     def n_actions(self) -> int:
@@ -80,4 +83,5 @@ class Batch:
             rewards=take(self.rewards),
             advantages=take(self.advantages),
             returns=take(self.returns),
+            rollout_logprobs=take(self.rollout_logprobs),
         )

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
 from . import losses
+from .objectives import add_advantages, add_token_rewards, minibatch_loss, zero_std_groups
 from .batch import Batch
 from .kl import KLController
 from .episodes import rollout
@@ -116,6 +117,7 @@ def recompute_logprobs(model: PolicyValueModel, batch: Batch, temperature: float
         out = model(batch.input_ids, batch.attention_mask, n_actions=batch.n_actions, temperature=temperature, entropy=False)
     model.train(was)
     mask = batch.action_mask
+    batch.rollout_logprobs = batch.logprobs
     batch.logprobs = out.logprobs * mask
     if batch.values is not None and out.values is not None:
         batch.values = out.values * mask
@@ -124,105 +126,6 @@ def recompute_logprobs(model: PolicyValueModel, batch: Batch, temperature: float
 def wants_recompute(cfg: Config, model: PolicyValueModel) -> bool:
     r = cfg.rollout.recompute_logprobs
     return r if r is not None else model.device.type == "cuda"
-
-
-def add_token_rewards(batch: Batch, cfg: Config, beta: float) -> None:
-    """r_t = −β·KL_t (a2c, ppo) + α·log P_env(a_t|s_t), plus the sequence score on the last token
-    (a dialog: each turn's score on that turn's last token). Action tokens only."""
-    mask = batch.action_mask
-    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
-    rewards = torch.zeros_like(mask)
-    if cfg.algorithm.name in ("a2c", "ppo"):
-        rewards = rewards - beta * kl_t
-    if cfg.env.fluency_coef:
-        rewards = rewards + cfg.env.fluency_coef * batch.ref_logprobs * mask
-    if batch.turn_scores is not None:  # multi-turn: the env placed each turn's score
-        rewards = rewards + batch.turn_scores
-    else:
-        last = (batch.lengths.long() - 1).clamp(min=0)
-        rewards[torch.arange(len(batch)), last] += batch.scores
-    batch.rewards = rewards * mask
-
-
-def add_advantages(batch: Batch, cfg: Config, beta: float, dist: Dist | None = None) -> None:
-    a = cfg.algorithm
-    mask = batch.action_mask
-    kind = a.advantage_kind
-    # A dialog discounts by env.turn_gamma across turns (a2c/ppo: a per-position γ over the
-    # action tokens; grpo/rloo: turn k's rewards weigh turn_gamma**k in the episode's return).
-    gamma = a.gamma
-    weights = None
-    if batch.turn_ids is not None:
-        gamma = adv_mod.turn_discounts(batch.turn_ids, mask, a.gamma, cfg.env.turn_gamma)
-        weights = cfg.env.turn_gamma ** batch.turn_ids.clamp(min=0).to(mask.dtype)
-    if kind == "td":
-        batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, gamma)
-    elif kind == "gae":
-        batch.advantages, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, a.lam)
-    else:
-        # Critic-free: one number per sequence (a dialog: per episode), spread over its action tokens.
-        seq = batch.rewards.sum(-1) if weights is None else (batch.rewards * weights).sum(-1)
-        if a.name == "rloo":
-            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
-            kl_seq = kl_tok.sum(-1) if weights is None else (kl_tok * weights).sum(-1)
-            seq = seq - beta * kl_seq
-            per_seq = adv_mod.leave_one_out_advantages(seq, batch.group)
-        else:
-            per_seq = adv_mod.group_advantages(seq, batch.group, scale=a.scale_rewards)
-        batch.advantages = per_seq[:, None] * mask
-        if batch.values is not None:
-            # A value head beside a critic-free update is trained for planning (mcts,
-            # best-of-n by value): regression on the Monte-Carlo return, GAE with λ = 1.
-            _, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, 1.0)
-        else:
-            batch.returns = batch.advantages.clone()
-        return
-    if dist is not None:  # whiten with the whole batch's mean and variance
-        if a.whiten_advantages and float(dist.sum([float(mask.sum())])[0]) > 1:
-            moments = (global_masked_mean(batch.advantages, mask, dist), global_masked_var(batch.advantages, mask, dist))
-            batch.advantages = adv_mod.whiten(batch.advantages, mask, moments=moments)
-        return
-    if a.whiten_advantages and mask.sum() > 1:
-        batch.advantages = adv_mod.whiten(batch.advantages, mask)
-
-
-def _minibatch_loss(model: PolicyValueModel, mb: Batch, cfg: Config, beta: float, T: int) -> tuple[torch.Tensor, dict]:
-    """The loss of one minibatch and its parts; every part is a masked mean over mb's action tokens."""
-    a = cfg.algorithm
-    mask = mb.action_mask
-    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=cfg.generation.temperature)
-    if a.name == "a2c":
-        pl = losses.a2c_policy_loss(out.logprobs, mb.advantages, mask)
-        with torch.no_grad():
-            _, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
-    else:
-        pl, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
-    loss = pl
-    vl = torch.zeros(())
-    vclip = torch.zeros(())
-    if out.values is not None:
-        if a.name in ("a2c", "grpo", "rloo"):  # the article's critic loss; side critic for grpo/rloo
-            vl = losses.value_loss(out.values, mb.returns, mask)
-        else:
-            vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
-        loss = loss + a.vf_coef * vl
-    ent = losses.entropy_bonus(out.entropy, mask)
-    if a.ent_coef:
-        loss = loss - a.ent_coef * ent
-    kl_loss = torch.zeros(())
-    if a.name == "grpo" and beta:
-        kl_loss = adv_mod.masked_mean(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3", mask), mask)
-        loss = loss + beta * kl_loss
-    parts = {
-        "policy_loss": pl,
-        "value_loss": vl,
-        "value_clipfrac": vclip,
-        "entropy": ent,
-        "approx_kl": st["approx_kl"],
-        "clipfrac": st["clipfrac"],
-        "kl_loss": kl_loss,
-    }
-    return loss, parts
 
 
 # The loss parts reduced over processes (with the loss itself, last).
@@ -267,7 +170,7 @@ def update(
     count = 0
     for ids in _minibatches(B, a.minibatch_size or B, a.epochs, gen):
         mb = batch.rows(ids.to(dev))
-        loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
+        loss, parts = minibatch_loss(model, mb, cfg, beta, T)
         if _nonfinite(loss):
             bad = ", ".join(
                 f"{k}={float(parts[k])}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if _nonfinite(parts[k].detach())
@@ -325,7 +228,7 @@ def _update_dist(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: 
         opt.zero_grad(set_to_none=True)
         if len(ids):
             mb = batch.rows(ids.to(dev))
-            loss, parts = _minibatch_loss(model, mb, cfg, beta, T)
+            loss, parts = minibatch_loss(model, mb, cfg, beta, T)
             n_local = mb.action_mask.sum()
         else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
             loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
@@ -631,6 +534,9 @@ class Trainer:
             "time/step": t4 - t0,
         }
         m["reward_calls"] = self.reward_calls
+        if cfg.algorithm.num_generations > 1:  # groups whose completions all scored alike teach a group baseline nothing
+            grp = batch.group if dist is None else torch.arange(len(scores)) // cfg.algorithm.num_generations
+            m["groups/zero_std_frac"] = zero_std_groups(scores, grp)
         m.update(info)  # dialog: per-turn rewards, EOS rate per turn, user reply length, simulator time
         if batch.values is not None:
             if dist is None:

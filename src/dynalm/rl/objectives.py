@@ -1,0 +1,148 @@
+"""The stages of a step that depend on the algorithm — reward shaping, advantages, the
+minibatch loss — each read from the algorithm's entry in rl/algorithms.py, never from
+its name. The trainer, the per-token view (interpret.py) and the planners' path rewards
+all call these, so the β and the advantages they show are the trainer's own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import Dist, global_masked_mean, global_masked_var
+from . import advantages as adv_mod
+from . import losses
+from .algorithms import get
+from .batch import Batch
+
+
+# ----------------------------------------------------------------------------- reward shaping
+
+
+def add_token_rewards(batch: Batch, cfg, beta: float) -> None:
+    """r_t = −β·KL_t (algorithms with KL in the reward) + α·log P_env(a_t|s_t), plus the
+    sequence score on the last token (multi-turn: each turn's score on that turn's last
+    token). Action tokens only."""
+    mask = batch.action_mask
+    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
+    rewards = torch.zeros_like(mask)
+    if get(cfg.algorithm.name).kl == "reward":
+        rewards = rewards - beta * kl_t
+    if cfg.env.fluency_coef:
+        rewards = rewards + cfg.env.fluency_coef * batch.ref_logprobs * mask
+    if batch.turn_scores is not None:  # multi-turn: the env placed each turn's score
+        rewards = rewards + batch.turn_scores
+    else:
+        last = (batch.lengths.long() - 1).clamp(min=0)
+        rewards[torch.arange(len(batch)), last] += batch.scores
+    batch.rewards = rewards * mask
+
+
+def zero_std_groups(scores: torch.Tensor, group: torch.Tensor) -> float:
+    """Share of prompt groups whose completions all scored the same: no gradient signal for
+    a group baseline (the DAPO paper's motivation for dynamic sampling)."""
+    gs = group.unique()
+    flat = sum(1 for g in gs if scores[group == g].numel() > 1 and float(scores[group == g].std()) == 0.0)
+    return flat / max(len(gs), 1)
+
+
+def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> None:
+    """Advantages and value targets per the algorithm's entry (see the module docstring)."""
+    a = cfg.algorithm
+    algo = get(a.name)
+    mask = batch.action_mask
+    # Multi-turn: γ between turns is env.turn_gamma (a per-position γ over the action
+    # tokens); critic-free sequence advantages weigh turn k's rewards by turn_gamma**k.
+    gamma = a.gamma
+    weights = None
+    if batch.turn_ids is not None:
+        gamma = adv_mod.turn_discounts(batch.turn_ids, mask, a.gamma, cfg.env.turn_gamma)
+        weights = cfg.env.turn_gamma ** batch.turn_ids.clamp(min=0).to(mask.dtype)
+    if algo.advantage == "critic":
+        if (a.advantage or algo.default_advantage) == "td":
+            batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, gamma)
+        else:
+            batch.advantages, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, a.lam)
+    elif algo.advantage == "returns":
+        # REINFORCE++: the discounted return-to-go of each token (GAE with V = 0, λ = 1), whitened below
+        batch.advantages, _ = adv_mod.gae(batch.rewards, torch.zeros_like(mask), mask, gamma, 1.0)
+        _side_value_targets(batch, mask, gamma)
+    else:
+        # Critic-free: one number per sequence (multi-turn: per episode), spread over its action tokens.
+        seq = batch.rewards.sum(-1) if weights is None else (batch.rewards * weights).sum(-1)
+        if algo.kl == "sequence":
+            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
+            seq = seq - beta * (kl_tok.sum(-1) if weights is None else (kl_tok * weights).sum(-1))
+        if algo.advantage == "loo":
+            per_seq = adv_mod.leave_one_out_advantages(seq, batch.group)
+        else:
+            per_seq = adv_mod.group_advantages(seq, batch.group, scale=a.scale_rewards)
+        batch.advantages = per_seq[:, None] * mask
+        _side_value_targets(batch, mask, gamma)
+        return
+    if not a.whiten_advantages:
+        return
+    if dist is not None:  # whiten with the whole batch's mean and variance
+        if float(dist.sum([float(mask.sum())])[0]) > 1:
+            moments = (global_masked_mean(batch.advantages, mask, dist), global_masked_var(batch.advantages, mask, dist))
+            batch.advantages = adv_mod.whiten(batch.advantages, mask, moments=moments)
+    elif mask.sum() > 1:
+        batch.advantages = adv_mod.whiten(batch.advantages, mask)
+
+
+def _side_value_targets(batch: Batch, mask: torch.Tensor, gamma) -> None:
+    """A value head beside a critic-free update is trained for planning (mcts, best-of-n
+    by value): regression on the Monte-Carlo return, GAE with λ = 1."""
+    if batch.values is not None:
+        _, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, 1.0)
+    else:
+        batch.returns = batch.advantages.clone()
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Tensor, dict]:
+    """The loss of one minibatch and its parts, per the algorithm's entry and the variants
+    of `algorithm` (loss_agg, clip_range_high, importance_sampling) and `rollout.is_cap`."""
+    a = cfg.algorithm
+    algo = get(a.name)
+    mask = mb.action_mask
+    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=cfg.generation.temperature)
+    agg = dict(how=a.loss_agg, max_tokens=cfg.generation.max_new_tokens * max(cfg.env.max_turns, 1))
+    is_w = losses.truncated_is_weights(mb.logprobs, mb.rollout_logprobs, cfg.rollout.is_cap, mask)
+    clip_hi = a.clip_range_high if a.clip_range_high is not None else a.clip_range
+    if algo.loss == "pg":
+        pl = losses.a2c_policy_loss(out.logprobs, mb.advantages, mask, **agg, weights=is_w)
+        with torch.no_grad():
+            _, st = losses.ppo_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range)
+    else:
+        pl, st = losses.ppo_policy_loss(
+            out.logprobs, mb.logprobs, mb.advantages, mask, a.clip_range, clip_high=clip_hi,
+            level=a.importance_sampling, weights=is_w, **agg,
+        )
+    loss = pl
+    vl = torch.zeros(())
+    vclip = torch.zeros(())
+    if out.values is not None:
+        if algo.value_loss == "plain":  # the article's critic loss; the side critic of critic-free algorithms
+            vl = losses.value_loss(out.values, mb.returns, mask)
+        else:
+            vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
+        loss = loss + a.vf_coef * vl
+    ent = losses.entropy_bonus(out.entropy, mask)
+    if a.ent_coef:
+        loss = loss - a.ent_coef * ent
+    kl_loss = torch.zeros(())
+    if algo.kl == "loss" and beta:
+        kl_loss = losses.aggregate(losses.kl_penalty(out.logprobs, mb.ref_logprobs, "k3", mask), mask, **agg)
+        loss = loss + beta * kl_loss
+    parts = {
+        "policy_loss": pl,
+        "value_loss": vl,
+        "value_clipfrac": vclip,
+        "entropy": ent,
+        "approx_kl": st["approx_kl"],
+        "clipfrac": st["clipfrac"],
+        "kl_loss": kl_loss,
+    }
+    return loss, parts
