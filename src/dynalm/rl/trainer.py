@@ -1,5 +1,8 @@
 """The training loop: rollout → score → reference → rewards → advantages → update → log.
 
+The algorithm-specific stages come from the algorithm's table entry (rl/algorithms.py via
+rl/objectives.py); the gradient steps from rl/update.py. Nothing here tests an algorithm's name.
+
 Reads top to bottom, one step at a time. Each stage adds fields to the Batch; none reaches
 back into an earlier one. The rollout is the one of every environment (rl/episodes.py): the
 env answers and scores each turn; the later stages act on the assistant's tokens only (the
@@ -22,236 +25,24 @@ import torch
 
 from ..config import Config
 from ..data import prompt_text
-from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
+from ..distributed import Dist, global_explained_variance, global_masked_mean, rank_seed
 from ..dyna import Dyna
 from ..envs import EpisodeEnv, make_env
-from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
-from . import losses
-from .objectives import add_advantages, add_token_rewards, minibatch_loss, zero_std_groups
+from .objectives import add_advantages, add_token_rewards, minibatch_loss, zero_std_groups  # noqa: F401 (re-exported)
+from .update import (  # noqa: F401 (some re-exported)
+    NonFiniteError, PromptSampler, _nonfinite, build_optimizer, build_scheduler, recompute_logprobs, update, wants_recompute,
+)
 from .batch import Batch
 from .kl import KLController
 from .episodes import rollout
-
-
-class NonFiniteError(UserError):
-    """A NaN or inf appeared in a loss, a gradient or a reward.
-
-    `what` names the quantity and the step; the run driver adds the last good checkpoint
-    and how to resume. Raised from `update` or the reward check, the batch can be skipped
-    (`train.skip_nonfinite`): no optimizer step was taken with it.
-    """
-
-    def __init__(self, what: str, fix: str = "lower train.learning_rate, or allow skips with train.skip_nonfinite"):
-        super().__init__(what, fix)
-
-
-def _nonfinite(t: torch.Tensor) -> bool:
-    return not bool(torch.isfinite(t).all())
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class PromptSampler:
-    """Deterministic, resumable order over the training rows: shuffled each pass when asked."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            out.append(self._order[self.pos])
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.pos = s["epoch"], s["pos"]
-        self._order = self._make_order()
-
-
-def build_optimizer(model: PolicyValueModel, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    groups = [{"params": model.policy_parameters(), "lr": t.learning_rate}]
-    if model.value_head is not None:
-        groups.append({"params": model.value_parameters(), "lr": t.value_learning_rate or t.learning_rate})
-    if t.weight_decay:
-        return torch.optim.AdamW(groups, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    return torch.optim.Adam(groups, betas=tuple(t.adam_betas))
-
-
-def build_scheduler(opt, cfg: Config):
-    w = cfg.train.warmup_steps
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def recompute_logprobs(model: PolicyValueModel, batch: Batch, temperature: float) -> None:
-    """π_old and V_old from a no-grad forward of the training model (TRL's way) in place of
-    the KV-cache decode's: on CUDA under bf16 the two run different kernels, and PPO's first
-    ratio must be exactly 1."""
-    was = model.training
-    model.train()  # the same mode as the update's forward (dropout is off in any case)
-    with torch.no_grad():
-        out = model(batch.input_ids, batch.attention_mask, n_actions=batch.n_actions, temperature=temperature, entropy=False)
-    model.train(was)
-    mask = batch.action_mask
-    batch.rollout_logprobs = batch.logprobs
-    batch.logprobs = out.logprobs * mask
-    if batch.values is not None and out.values is not None:
-        batch.values = out.values * mask
-
-
-def wants_recompute(cfg: Config, model: PolicyValueModel) -> bool:
-    r = cfg.rollout.recompute_logprobs
-    return r if r is not None else model.device.type == "cuda"
-
-
-# The loss parts reduced over processes (with the loss itself, last).
-_PARTS = ("policy_loss", "value_loss", "value_clipfrac", "entropy", "approx_kl", "clipfrac", "kl_loss")
-# What `update` reports, averaged over its optimizer steps.
-_LOGGED = (*_PARTS[:6], "grad_norm", "kl_loss")
-
-
-def _minibatches(B: int, mbs: int, epochs: int, gen: torch.Generator):
-    """Row indices of each minibatch, epoch after epoch: a fresh permutation of the B rows per
-    epoch drawn from `gen` (none when one epoch is one minibatch). Stop iterating to stop early."""
-    for _epoch in range(epochs):
-        perm = torch.randperm(B, generator=gen) if epochs > 1 or mbs < B else torch.arange(B)
-        for start in range(0, B, mbs):
-            yield perm[start : start + mbs]
-
-
-def _averaged(sums: dict[str, float], count: int) -> dict:
-    out = {k: v / count for k, v in sums.items()}
-    out["update_passes"] = count
-    return out
-
-
-def update(
-    model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int,
-    dist: Dist | None = None,
-) -> dict:
-    """The algorithm's gradient steps on one batch; returns averaged diagnostics.
-
-    With `dist`, `batch` is this process's equal share (rows rank·b … rank·b + b − 1 of the
-    global batch) and the steps are those of one process on the global batch: the same
-    minibatches (permutation drawn over the global rows), each process's loss scaled by its
-    share of the minibatch's tokens, gradients summed over processes before clipping.
-    """
-    if dist is not None:
-        return _update_dist(model, opt, batch, cfg, beta, gen, step, dist)
-    a = cfg.algorithm
-    B, T = batch.action_mask.shape
-    dev = batch.input_ids.device
-    model.train()
-    sums: dict[str, float] = {}
-    count = 0
-    for ids in _minibatches(B, a.minibatch_size or B, a.epochs, gen):
-        mb = batch.rows(ids.to(dev))
-        loss, parts = minibatch_loss(model, mb, cfg, beta, T)
-        if _nonfinite(loss):
-            bad = ", ".join(
-                f"{k}={float(parts[k])}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if _nonfinite(parts[k].detach())
-            )
-            raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = _clip_and_step(model, opt, cfg, step)
-        for k in _LOGGED:
-            v = gnorm if k == "grad_norm" else parts[k]
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        count += 1
-        if a.target_kl is not None and float(parts["approx_kl"]) > a.target_kl:
-            break
-    return _averaged(sums, count)
-
-
-def _clip_and_step(model: PolicyValueModel, opt, cfg: Config, step: int) -> torch.Tensor:
-    """Clip the gradients, check them, take the optimizer step; returns the policy's grad norm.
-
-    A shared critic is clipped with the policy (one loss, one trunk); a detached side
-    critic on its own, so the policy's update is exactly the critic-free one.
-    """
-    a = cfg.algorithm
-    groups = [model.policy_parameters(), model.value_parameters()] if model.value_detached else [
-        [p for g in opt.param_groups for p in g["params"]]
-    ]
-    norms = []
-    for params in groups:
-        if a.max_grad_norm is not None:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
-        else:
-            norms.append(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
-    gnorm = norms[0]
-    if any(_nonfinite(n) for n in norms):
-        # checked before opt.step: the weights never see a non-finite gradient
-        raise NonFiniteError(f"non-finite gradient at step {step} (grad_norm={float(gnorm)})")
-    opt.step()
-    return gnorm
-
-
-def _update_dist(model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int, dist: Dist) -> dict:
-    """`update` over processes; see its docstring and distributed.py."""
-    a = cfg.algorithm
-    b, T = batch.action_mask.shape
-    offset, B = dist.rank * b, b * dist.world_size
-    mbs = a.minibatch_size or B
-    dev = batch.action_mask.device
-    params = [p for g in opt.param_groups for p in g["params"]]
-    model.train()
-    sums: dict[str, float] = {}
-    count = 0
-    for ids in _minibatches(B, mbs, a.epochs, gen):
-        ids = ids[(ids >= offset) & (ids < offset + b)] - offset  # the rows of this minibatch held here
-        opt.zero_grad(set_to_none=True)
-        if len(ids):
-            mb = batch.rows(ids.to(dev))
-            loss, parts = minibatch_loss(model, mb, cfg, beta, T)
-            n_local = mb.action_mask.sum()
-        else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
-            loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
-        # Σ over processes of (local mean × local tokens) / global tokens = the global token mean.
-        n64 = n_local.detach().to(dev, torch.float64).reshape(1)
-        means = torch.stack([parts[k].detach().to(dev, torch.float64) for k in _PARTS] + [loss.detach().to(dev, torch.float64)])
-        tot = dist.sum(torch.cat([n64, means * n64]))  # one all-reduce for the token count and every part
-        n_global = max(float(tot[0]), 1.0)
-        glob = {k: float(v) / n_global for k, v in zip(_PARTS + ("loss",), tot[1:].tolist())}
-        if not math.isfinite(glob["loss"]):
-            bad = ", ".join(f"{k}={glob[k]}" for k in ("policy_loss", "value_loss", "entropy", "kl_loss") if not math.isfinite(glob[k]))
-            raise NonFiniteError(f"non-finite loss at step {step} ({bad or 'sum of the terms'})")
-        if len(ids):
-            (loss * (float(n_local) / n_global)).backward()
-        dist.sync_grads(params)
-        gnorm = _clip_and_step(model, opt, cfg, step)
-        glob["grad_norm"] = float(gnorm)
-        for k in _LOGGED:
-            sums[k] = sums.get(k, 0.0) + glob[k]
-        count += 1
-        if a.target_kl is not None and glob["approx_kl"] > a.target_kl:
-            break
-    return _averaged(sums, count)
 
 
 @dataclass
