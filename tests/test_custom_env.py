@@ -167,6 +167,37 @@ def test_trains_and_evaluates_through_the_cli(tiny_llama, prompts_file, env_file
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora" in k)
 
 
+def test_best_of_n_per_turn_keeps_the_best_of_n_forked_steps(tiny_llama, prompts_file, env_file, tmp_path, capsys):
+    from dynalm.planning.episodes import plan_episodes
+
+    cfg = _cfg(tiny_llama, prompts_file, env_file, generation={"max_new_tokens": 6})
+    model = PolicyValueModel.from_config(build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2})))
+    env = CustomEnv(cfg, model.tokenizer)
+    res = plan_episodes(model, env, [SeedRow(seed=3), SeedRow(seed=4)], 4, cfg.generation, max_prompt_tokens=64,
+                        generator=torch.Generator().manual_seed(0))
+    assert res.turns == [3, 3] and res.env_steps == 2 * 3 * 4 and res.truncated == [False, False]
+    for tr, cands, tot in zip(res.transcripts, res.candidate_rewards, res.totals):
+        a_turns = [t for t in tr if t["role"] == "assistant"]
+        # each kept turn is the best of its 4 candidates, and its reward is the env's count of 'a'
+        assert [t["reward"] for t in a_turns] == [max(c) for c in cands]
+        assert [t["reward"] for t in a_turns] == [float(t["content"].count("a")) for t in a_turns]
+        assert tot == sum(max(c) for c in cands)
+        assert [t["role"] for t in tr] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    # through the CLI: a trained custom-env run evaluated with the planner
+    over = tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2}, eval={"max_prompts": 2})
+    over.pop("data"), over.pop("rewards")
+    over["env"] = {"kind": "custom", "factory": f"{env_file}:make_env", "max_turns": 4}
+    over["train"] = {"steps": 1, "batch_size": 4}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(over))
+    assert main(["train", "-c", str(p), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--planner", "best-of-n", "--set", "planner.n=3"]) == 0
+    out = capsys.readouterr().out
+    assert "| env_steps | 18 |" in out and "| turns_per_episode | 3 |" in out  # 2 games × 3 turns × n = 3
+    assert json.loads((tmp_path / "run" / "eval-best-of-n.json").read_text())["trained"]["planner"] == "best-of-n"
+
+
 @pytest.mark.parametrize("fail_on,expected", [
     ("reset", "dynalm: error: env '{f}:make_env' reset raised RuntimeError: no game today (fix the environment)"),
     ("step", "dynalm: error: env '{f}:make_env' step (turn 2) raised KeyError: 'boom' (fix the environment)"),

@@ -110,14 +110,14 @@ def evaluate_episodes(
     """evaluate.evaluate for multi-turn environments: base (the reference as the assistant) and/or trained."""
     name = planner or cfg.planner.name
     dialog = cfg.env.kind == "dialog"
-    allowed = ("sample", "best-of-n") if dialog else ("sample",)
+    allowed = ("sample", "best-of-n") if dialog or hasattr(env, "fork") else ("sample",)
     if name not in allowed:
         raise UserError(
             f"planner '{name}' is not available for env.kind {cfg.env.kind}", f"use planner {' or '.join(repr(a) for a in allowed)}"
         )
     out: dict = {"n_prompts": len(rows)}
-    if name == "best-of-n":  # turn-level lookahead through the user simulator (planning/dialog.py)
-        out["trained"] = _planned_dialog_side(model, env, rows, cfg)
+    if name == "best-of-n":  # turn-level lookahead through the user simulator or forks of the env
+        out["trained"] = _planned_dialog_side(model, env, rows, cfg) if dialog else _planned_side(model, env, rows, cfg)
         return out
     if base:
         out["base"] = evaluate_episodes_side(model, env, rows, cfg, use_reference=True)
@@ -147,6 +147,35 @@ def _planned_dialog_side(model: PolicyValueModel, env, rows: list[dict], cfg: Co
         "seconds_per_sample": secs / max(len(res.totals), 1),
         "samples": [
             {"prompt": str(r.get(cfg.data.prompt_field, "")), "completion": tr[-2]["content"] if len(tr) > 1 else "", "reward": tot, "turns": tr}
+            for r, tr, tot in zip(rows, res.transcripts, res.totals)
+        ],
+    }
+
+
+def _planned_side(model: PolicyValueModel, env, rows: list[dict], cfg: Config) -> dict:
+    """Best-of-n per turn in a forkable environment (planning/episodes.py)."""
+    from .planning.episodes import plan_episodes
+
+    gen = torch.Generator(device=model.device).manual_seed(cfg.eval.seed)
+    t0 = time.perf_counter()
+    res = plan_episodes(model, env, rows, cfg.planner.n, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen)
+    secs = time.perf_counter() - t0
+    replies = [t["content"] for tr in res.transcripts for t in tr if t["role"] == "assistant"]
+    return {
+        "planner": "best-of-n",
+        "reward": _mean(res.totals),
+        "turns_per_episode": _mean(res.turns),
+        "success_rate": _mean(float(x) for x in res.success),
+        "truncated_rate": _mean(float(x) for x in res.truncated),
+        "distinct1": lex.distinct_n_corpus(replies, 1),
+        "distinct2": lex.distinct_n_corpus(replies, 2),
+        "n": len(res.totals),
+        "turns": env.max_turns,
+        "env_steps": res.env_steps,
+        "seconds_per_sample": secs / max(len(res.totals), 1),
+        "samples": [
+            {"prompt": tr[0]["content"] if tr else "", "completion": next((t["content"] for t in reversed(tr) if t["role"] == "assistant"), ""),
+             "reward": tot, **({"seed": r["seed"]} if "seed" in r else {}), "turns": tr}
             for r, tr, tot in zip(rows, res.transcripts, res.totals)
         ],
     }

@@ -59,10 +59,15 @@ def _planner_section(run_dir: Path, eval_result: dict | None) -> list[str]:
            "| planner | reward | KL | distinct-2 | s / sample | forward calls |", "|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
-            f"| {r.get('planner', 'sample')} | {r['reward']:.4f} | {r['kl']:.3f} | {r['distinct2']:.3f} | "
-            f"{r['seconds_per_sample']:.2f} | {r.get('forward_calls', '')} |"
+            f"| {r.get('planner', 'sample')} | {r['reward']:.4f} | {_num(r.get('kl'), 3)} | {_num(r.get('distinct2'), 3)} | "
+            f"{_num(r.get('seconds_per_sample'), 2)} | {r.get('forward_calls', r.get('env_steps', ''))} |"
         )
     return out + [""]
+
+
+def _num(x, digits: int) -> str:
+    """A table cell: the number, or – where a planner does not measure it (a planned episode has no KL)."""
+    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def hacking_flags(eval_result: dict | None) -> list[str]:

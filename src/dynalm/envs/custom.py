@@ -26,6 +26,8 @@ is cut there and counted as truncated.
 
 from __future__ import annotations
 
+import copy
+
 from ..config import Config
 from ..errors import UserError
 from ..models.generation import glue_text, render_messages
@@ -167,6 +169,32 @@ class CustomEnv:
 
     def transcripts(self) -> list[list[dict]]:
         return [list(t) for t in self._log]
+
+    # ------------------------------------------------------------------ planning
+    def messages(self, i: int) -> list[dict]:
+        """Episode i's conversation so far (what the policy is shown next, rendered)."""
+        return self._msgs[i]
+
+    def render(self, i: int) -> str:
+        return self._render(self._msgs[i])
+
+    def fork(self, episodes: list[int], n: int) -> "CustomEnv":
+        """A new batch of episodes: n copies of each of `episodes` (in that order), each with
+        its own deep copy of the user's environment, to try n actions before taking one.
+        The environment must survive `copy.deepcopy` (as gymnasium planning asks)."""
+        out = object.__new__(CustomEnv)
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        out._turn = self._turn
+        out._rows = [self._rows[i] for i in episodes for _ in range(n)]
+        out._msgs = [list(self._msgs[i]) for i in episodes for _ in range(n)]
+        out._log = [[dict(m) for m in self._log[i]] for i in episodes for _ in range(n)]
+        out._envs = [self._call(copy.deepcopy, "deepcopy (planning needs a copyable env)", self._envs[i]) for i in episodes for _ in range(n)]
+        return out
+
+    def adopt(self, i: int, fork: "CustomEnv", j: int) -> None:
+        """Make episode i continue as the fork's episode j (the action that was chosen)."""
+        self._envs[i], self._msgs[i], self._log[i] = fork._envs[j], fork._msgs[j], fork._log[j]
+        self._turn = fork._turn
 
     def episode_info(self) -> dict:
         return {}
