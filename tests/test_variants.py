@@ -145,3 +145,81 @@ def test_each_variant_trains_from_the_cli(tiny_llama, prompts_file, tmp_path, se
     assert ("groups/zero_std_frac" in ms[0]) == any("num_generations" in s for s in sets)
     # the LoRA weights moved
     assert any(abs(m["grad_norm"]) > 0 for m in ms)
+
+
+# ----------------------------------------------------------------------------- DAPO: dynamic sampling, overlong
+
+
+def _rollout_like(P, T, scores, n=2, first_tok=5):
+    B = len(scores)
+    ids = torch.arange(B * (P + T)).view(B, P + T) + first_tok
+    attn = torch.ones(B, P + T)
+    attn[0, 0] = 0  # a left-padded prompt
+    am = torch.ones(B, T)
+    am[-1, -1] = 0  # a right-padded completion
+    b = Batch(input_ids=ids, attention_mask=attn, action_mask=am, logprobs=-am, values=None,
+              prompts=[f"p{i // n}" for i in range(B)], completions=[f"c{i}" for i in range(B)],
+              group=torch.arange(B) // n, ended=torch.ones(B, dtype=torch.bool), extras={"row": list(range(B))})
+    b.scores = torch.tensor(scores)
+    b.reward_terms = {"r": torch.tensor(scores)}
+    return b
+
+
+def test_batch_concat_repads_prompts_left_and_completions_right():
+    a, b = _rollout_like(3, 2, [1.0, 0.0]), _rollout_like(2, 4, [0.5, 0.5], first_tok=100)
+    c = Batch.concat([a, b], pad_id=0)
+    assert c.input_ids.shape == (4, 3 + 4) and c.n_actions == 4
+    assert torch.equal(c.input_ids[0, :5], a.input_ids[0]) and c.input_ids[0, 5:].tolist() == [0, 0]
+    assert c.input_ids[2, 0] == 0 and torch.equal(c.input_ids[2, 1:], b.input_ids[0])
+    assert c.attention_mask[2].tolist() == [0, 0, 1, 1, 1, 1, 1] and c.attention_mask[0].tolist() == [0, 1, 1, 1, 1, 0, 0]
+    assert c.action_mask[1].tolist() == [1, 0, 0, 0] and c.action_mask[3].tolist() == [1, 1, 1, 0]
+    assert c.scores.tolist() == [1.0, 0.0, 0.5, 0.5] and c.extras["row"] == [0, 1, 0, 1] and c.completions[2] == "c0"
+
+
+def test_dynamic_sampling_replaces_flat_groups():
+    from dynalm.rl.dynamic_sampling import refill_flat_groups
+
+    batch = _rollout_like(3, 2, [1.0, 0.0, 2.0, 2.0])  # group 1 is flat
+    draws = iter([_rollout_like(2, 3, [5.0, 5.0]), _rollout_like(2, 3, [3.0, 4.0])])  # flat, then informative
+    out, info = refill_flat_groups(batch, lambda k: next(draws), 2, 3)
+    assert out.scores.tolist() == [1.0, 0.0, 3.0, 4.0] and out.group.tolist() == [0, 0, 1, 1]
+    assert info == {"dynamic/flat_share": 0.5, "dynamic/rounds": 2, "dynamic/extra_groups": 2, "dynamic/still_flat": 0}
+    # never informative: after max_rounds the batch keeps its size with the flat group back
+    out, info = refill_flat_groups(batch, lambda k: _rollout_like(2, 3, [7.0, 7.0]), 2, 2)
+    assert out.scores.tolist() == [1.0, 0.0, 2.0, 2.0] and info["dynamic/still_flat"] == 1 and info["dynamic/rounds"] == 2
+
+
+def test_overlong_penalty_by_hand():
+    from dynalm.rl.objectives import overlong_penalty
+
+    # DAPO eq. 13 with L_max = 10, L_cache = 4: 0 up to 6 tokens, then linear to −1 at 10
+    assert overlong_penalty(torch.tensor([3, 6, 8, 10]), 10, 4).tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty(torch.tensor([9]), 10, 4, coef=0.5).tolist() == [-0.375]
+
+
+@pytest.mark.parametrize("sets,key", [
+    (["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=2"], "dynamic/flat_share"),
+    (["algorithm.overlong_buffer=2"], "reward/overlong"),
+])
+def test_dapo_options_train_from_the_cli(tiny_llama, prompts_file, tmp_path, sets, key):
+    over = tiny_overrides(tiny_llama, prompts_file, eval={"enabled": False}, train={"steps": 2, "batch_size": 4},
+                          algorithm={"name": "grpo", "num_generations": 2})
+    c = tmp_path / "c.yaml"
+    c.write_text(yaml.safe_dump(over))
+    argv = ["train", "-c", str(c), "--out", str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    ms = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(key in m for m in ms)
+    if key == "dynamic/flat_share":
+        assert all(m["reward_calls"] >= 4 * m["step"] for m in ms)
+    else:
+        assert all(-1.0 <= m[key] <= 0.0 for m in ms)
+
+
+def test_dapo_refusals(tiny_llama, prompts_file):
+    with pytest.raises(UserError, match="dynamic_sampling needs prompt groups"):
+        build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "ppo", "dynamic_sampling": True}))
+    with pytest.raises(UserError, match=r"overlong_buffer \(9\) must not exceed generation.max_new_tokens \(6\)"):
+        build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"overlong_buffer": 9}))

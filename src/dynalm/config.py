@@ -207,6 +207,17 @@ class AlgorithmConfig(_Section):
         "sequence (GSPO; use with loss_agg: sequence_mean and a small clip_range such as 0.003–0.004, as the paper)."
     )
 
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling (grpo/rloo): replace prompt groups whose rewards are all equal by new "
+        "prompts' groups, up to dynamic_sampling_max_rounds extra rollouts per step (logged as dynamic/*)."
+    )
+    dynamic_sampling_max_rounds: int = Field(3, ge=1, description="Refill rounds per step at most for dynamic_sampling.")
+    overlong_buffer: int | None = Field(
+        None, ge=1, description="DAPO's soft overlong penalty: a completion longer than max_new_tokens − buffer tokens loses "
+        "overlong_coef × (excess / buffer) on its last token, down to −overlong_coef at max_new_tokens (single-turn); null = off."
+    )
+    overlong_coef: float = Field(1.0, ge=0, description="Size of the overlong penalty at max_new_tokens.")
+
     @property
     def needs_value_head(self) -> bool:
         return ALGORITHMS[self.name].critic
@@ -352,6 +363,16 @@ class Config(_Section):
         if algo.minibatch_size is not None and algo.minibatch_size > self.train.batch_size:
             raise ValueError("algorithm.minibatch_size must not exceed train.batch_size")
         entry.check(algo, self.kl, self.train.batch_size)
+        if algo.dynamic_sampling and (algo.num_generations < 2 or self.dyna.enabled):
+            raise ValueError(
+                "algorithm.dynamic_sampling needs prompt groups (num_generations >= 2) and true rewards for every row "
+                "(dyna.enabled: false)"
+            )
+        if algo.overlong_buffer is not None and algo.overlong_buffer > self.generation.max_new_tokens:
+            raise ValueError(
+                f"algorithm.overlong_buffer ({algo.overlong_buffer}) must not exceed generation.max_new_tokens "
+                f"({self.generation.max_new_tokens})"
+            )
         if self.data.prompts is not None and not self.data.prompts:
             raise ValueError("data.prompts is empty")
         if self.env.kind == "custom" and not self.env.factory:

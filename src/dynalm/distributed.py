@@ -73,6 +73,11 @@ def check_world(cfg, world_size: int) -> None:
             "dyna is not supported in data-parallel runs yet (each process would keep its own reward-model buffer)",
             "run Dyna in one process, or set dyna.enabled: false",
         )
+    if cfg.algorithm.dynamic_sampling:
+        raise UserError(
+            "algorithm.dynamic_sampling is not supported in data-parallel runs yet (each process would refill its own share)",
+            "run it in one process, or set algorithm.dynamic_sampling: false",
+        )
     if cfg.algorithm.loss_agg != "token_mean":
         raise UserError(
             f"algorithm.loss_agg {cfg.algorithm.loss_agg} is not supported in data-parallel runs yet "

@@ -85,3 +85,39 @@ class Batch:
             returns=take(self.returns),
             rollout_logprobs=take(self.rollout_logprobs),
         )
+
+    @staticmethod
+    def concat(parts: list["Batch"], pad_id: int = 0) -> "Batch":
+        """Rows of several batches (after the rollout and scoring stages) as one: prompts
+        re-padded on the left to the widest P, completions on the right to the widest T."""
+        P = max(b.input_ids.shape[1] - b.n_actions for b in parts)
+        T = max(b.n_actions for b in parts)
+
+        def seq(b, x, fill):  # [B, P_b + T_b] → [B, P + T]
+            p_b = b.input_ids.shape[1] - b.n_actions
+            return torch.nn.functional.pad(x, (P - p_b, T - b.n_actions), value=fill)
+
+        def tok(x, fill=0.0):  # [B, T_b] → [B, T]
+            return None if x is None else torch.nn.functional.pad(x, (0, T - x.shape[1]), value=fill)
+
+        def cat(xs):
+            return None if any(x is None for x in xs) else torch.cat(xs)
+
+        first = parts[0]
+        return Batch(
+            input_ids=torch.cat([seq(b, b.input_ids, pad_id) for b in parts]),
+            attention_mask=torch.cat([seq(b, b.attention_mask, 0) for b in parts]),
+            action_mask=torch.cat([tok(b.action_mask) for b in parts]),
+            logprobs=torch.cat([tok(b.logprobs) for b in parts]),
+            values=cat([tok(b.values) for b in parts]),
+            prompts=[p for b in parts for p in b.prompts],
+            completions=[c for b in parts for c in b.completions],
+            group=torch.cat([b.group for b in parts]),
+            ended=torch.cat([b.ended for b in parts]),
+            extras={k: [v for b in parts for v in b.extras.get(k, [None] * len(b))] for k in first.extras},
+            turn_ids=cat([tok(b.turn_ids, -1) for b in parts]),
+            scores=cat([b.scores for b in parts]),
+            reward_terms={k: torch.cat([b.reward_terms[k] for b in parts]) for k in first.reward_terms},
+            turn_scores=cat([tok(b.turn_scores) for b in parts]),
+        )
+

@@ -34,7 +34,19 @@ def add_token_rewards(batch: Batch, cfg, beta: float) -> None:
     else:
         last = (batch.lengths.long() - 1).clamp(min=0)
         rewards[torch.arange(len(batch)), last] += batch.scores
+        a = cfg.algorithm
+        if a.overlong_buffer:
+            pen = overlong_penalty(batch.lengths, cfg.generation.max_new_tokens, a.overlong_buffer, a.overlong_coef)
+            rewards[torch.arange(len(batch)), last] += pen
+            batch.reward_terms["overlong"] = pen.detach().cpu()
     batch.rewards = rewards * mask
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, coef: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_tokens − buffer,
+    then −coef·(L − (max_tokens − buffer))/buffer, reaching −coef at max_tokens."""
+    excess = (lengths.float() - (max_tokens - buffer)).clamp(min=0.0)
+    return -coef * (excess / buffer).clamp(max=1.0)
 
 
 def zero_std_groups(scores: torch.Tensor, group: torch.Tensor) -> float:

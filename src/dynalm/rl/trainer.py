@@ -35,6 +35,7 @@ from .update import (  # noqa: F401 (some re-exported)
     NonFiniteError, PromptSampler, _nonfinite, build_optimizer, build_scheduler, recompute_logprobs, update, wants_recompute,
 )
 from .batch import Batch
+from .dynamic_sampling import refill_flat_groups
 from .kl import KLController
 from .episodes import rollout
 
@@ -211,19 +212,10 @@ class Trainer:
         n = a.num_generations
         step = self.step_idx + 1
         t0 = time.perf_counter()
-        idx = self.sampler.take(cfg.train.batch_size // n)
-        if self.dist is not None:  # the same prompts on every process: keep this one's contiguous share
-            k = len(idx) // self.dist.world_size
-            idx = idx[self.dist.rank * k : (self.dist.rank + 1) * k]
-        rows = [self.rows[i] for i in idx for _ in range(n)]
-        group = [g for g in range(len(idx)) for _ in range(n)]
         info: dict = {}
         failed = False
         try:  # one rollout for every environment: it samples each turn, the env answers and scores it
-            batch, trunc, info = rollout(
-                self.model, self.env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
-                prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None,
-            )
+            batch, trunc, info, rows, group = self._draw(cfg.train.batch_size // n)
         except RuntimeError as exc:
             # Diverged weights (finite but huge) first show here: torch.multinomial refuses
             # inf/nan probabilities. Not skippable: the weights themselves are broken.
@@ -240,12 +232,32 @@ class Trainer:
 
         t_env = info.pop("time/env")  # the environment answered (and, without Dyna, scored) inside the rollout
         t1 -= t_env
+        if a.dynamic_sampling:  # DAPO: replace groups that all scored alike (rl/dynamic_sampling.py)
+            batch, more = refill_flat_groups(batch, lambda k: self._draw(k)[0], n, a.dynamic_sampling_max_rounds,
+                                             self.model.tokenizer.pad_token_id or 0)
+            info.update(more)
+            self.reward_calls += n * more["dynamic/extra_groups"]
         if self.dyna is not None:
             t2 = self._dyna_score(batch, rows, group, step, info)
         else:
             t2 = t1 + t_env
             self.reward_calls += len(batch)
         return self.learn(batch, info, times=(t0, t1, t2), truncated=trunc)
+
+    def _draw(self, k: int):
+        """Roll out k prompt groups (this process's share of them, data-parallel) from the sampler."""
+        cfg, n = self.cfg, self.cfg.algorithm.num_generations
+        idx = self.sampler.take(k)
+        if self.dist is not None:  # the same prompts on every process: keep this one's contiguous share
+            k = len(idx) // self.dist.world_size
+            idx = idx[self.dist.rank * k : (self.dist.rank + 1) * k]
+        rows = [self.rows[i] for i in idx for _ in range(n)]
+        group = [g for g in range(len(idx)) for _ in range(n)]
+        batch, trunc, info = rollout(
+            self.model, self.env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
+            prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None,
+        )
+        return batch, trunc, info, rows, group
 
     def learn(self, batch: Batch, info: dict | None = None, *, times: tuple | None = None, truncated: int = 0) -> StepResult:
         """The stages after the rollout and scoring: reference → rewards → advantages → update → metrics.
