@@ -131,16 +131,21 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("sets", VARIANTS, ids=lambda s: s[-1].split("=")[0].split(".")[-1])
-def test_each_variant_trains_from_the_cli(tiny_llama, prompts_file, tmp_path, sets):
-    over = tiny_overrides(tiny_llama, prompts_file, eval={"enabled": False}, train={"steps": 2, "batch_size": 4})
+def _train_cli(tiny_llama, prompts_file, tmp_path, sets, **extra) -> list[dict]:
+    """Two steps of a tiny run from the CLI with `--set` for each of `sets`; the metrics."""
+    over = tiny_overrides(tiny_llama, prompts_file, eval={"enabled": False}, train={"steps": 2, "batch_size": 4}, **extra)
     c = tmp_path / "c.yaml"
     c.write_text(yaml.safe_dump(over))
     argv = ["train", "-c", str(c), "--out", str(tmp_path / "run")]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0
-    ms = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sets", VARIANTS, ids=lambda s: s[-1].split("=")[0].split(".")[-1])
+def test_each_variant_trains_from_the_cli(tiny_llama, prompts_file, tmp_path, sets):
+    ms = _train_cli(tiny_llama, prompts_file, tmp_path, sets)
     assert len(ms) == 2 and all(math.isfinite(m["policy_loss"]) for m in ms)
     assert ("groups/zero_std_frac" in ms[0]) == any("num_generations" in s for s in sets)
     # the LoRA weights moved
@@ -202,15 +207,7 @@ def test_overlong_penalty_by_hand():
     (["algorithm.overlong_buffer=2"], "reward/overlong"),
 ])
 def test_dapo_options_train_from_the_cli(tiny_llama, prompts_file, tmp_path, sets, key):
-    over = tiny_overrides(tiny_llama, prompts_file, eval={"enabled": False}, train={"steps": 2, "batch_size": 4},
-                          algorithm={"name": "grpo", "num_generations": 2})
-    c = tmp_path / "c.yaml"
-    c.write_text(yaml.safe_dump(over))
-    argv = ["train", "-c", str(c), "--out", str(tmp_path / "run")]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0
-    ms = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ms = _train_cli(tiny_llama, prompts_file, tmp_path, sets, algorithm={"name": "grpo", "num_generations": 2})
     assert all(key in m for m in ms)
     if key == "dynamic/flat_share":
         assert all(m["reward_calls"] >= 4 * m["step"] for m in ms)
