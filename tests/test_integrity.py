@@ -286,3 +286,20 @@ def test_a_failed_export_or_report_write_is_one_line_and_keeps_the_checkpoints(t
     shutil.rmtree(run)
     assert main(["train", "-c", str(c), "--out", str(run)]) == 2
     assert capsys.readouterr().err.startswith(f"dynalm: error: could not write the report {run / 'report.md'} (permission denied)")
+
+
+def test_a_resume_sets_damaged_checkpoints_aside_and_pruning_keeps_the_new_one(tmp_path):
+    """Review finding: a damaged newer checkpoint left in place took a slot of
+    log.keep_checkpoints, so the next save deleted the intact one (or itself)."""
+    root = _ckpts(tmp_path / "checkpoints", steps=(1, 2, 3))
+    damage(root / "step-000003" / "state.pt", "truncate")
+    said = []
+    _same(resume_point(root, warn=said.append, set_aside=True), 2)
+    assert said[-1] == "warning: moved aside (not deleted): damaged-step-000003"
+    assert (root / "damaged-step-000003" / "state.pt").is_file() and not (root / "step-000003").exists()
+    save_checkpoint(root, 3, _weights(3), _state(3), keep=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["damaged-step-000003", "step-000002", "step-000003"]
+    # a folder after the one written (a fallback past an intact newer one) is neither counted nor deleted
+    save_checkpoint(root, 9, _weights(9), _state(9), keep=2)
+    save_checkpoint(root, 4, _weights(4), _state(4), keep=1)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000004", "step-000009"]

@@ -217,6 +217,30 @@ def test_dapo_options_train_from_the_cli(tiny_llama, prompts_file, tmp_path, set
 
 def test_dapo_refusals(tiny_llama, prompts_file):
     with pytest.raises(UserError, match="dynamic_sampling needs prompt groups"):
-        build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "ppo", "dynamic_sampling": True}))
+        build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2, "dynamic_sampling": True},
+                                    dyna={"enabled": True}))
     with pytest.raises(UserError, match=r"overlong_buffer \(9\) must not exceed generation.max_new_tokens \(6\)"):
         build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"overlong_buffer": 9}))
+
+
+def test_constant_aggregation_divides_by_the_env_turn_budget(tiny_llama, prompts_file):
+    """Review finding: Dr. GRPO's constant used env.max_turns (8 by default) for every env."""
+    from dynalm.rl.objectives import assistant_turns
+
+    base = tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2})
+    assert assistant_turns(build_config(base)) == 1
+    from types import SimpleNamespace as NS
+
+    assert assistant_turns(NS(env=NS(kind="dialog", turns=3, max_turns=8))) == 3
+    assert assistant_turns(NS(env=NS(kind="custom", turns=3, max_turns=5))) == 5
+
+
+@pytest.mark.parametrize("algo,match", [
+    ({"name": "grpo", "num_generations": 2, "clip_range_high": 0.1}, r"clip_range_high \(0.1\) must be at least clip_range \(0.2\)"),
+    ({"name": "a2c", "clip_range_high": 0.3}, "clip_range_high needs a clipped ratio; a2c's loss has none"),
+    ({"name": "reinforce_pp", "whiten_advantages": False}, "reinforce_pp normalises its advantages over the batch by definition"),
+    ({"name": "ppo", "num_generations": 2, "dynamic_sampling": True}, "dynamic_sampling refills prompt groups of a group baseline"),
+])
+def test_variant_settings_that_do_nothing_are_refused(tiny_llama, prompts_file, algo, match):
+    with pytest.raises(UserError, match=match):
+        build_config(tiny_overrides(tiny_llama, prompts_file, algorithm=algo))

@@ -101,7 +101,10 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+    # keep `final` and the keep − 1 before it; folders after it (left by a resume that fell
+    # back past them) are not counted and not deleted: the run overwrites them when it gets there
+    older = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name < final.name)
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -144,9 +147,11 @@ def _candidates(ckpt_root: Path, warn) -> list[Path]:
     return folders
 
 
-def resume_point(ckpt_root: Path, *, verify: bool = True, map_location="cpu", warn=print):
+def resume_point(ckpt_root: Path, *, verify: bool = True, map_location="cpu", warn=print, set_aside: bool = False):
     """(path, weights, state) of the newest intact checkpoint, None when the run has none;
-    damaged ones are named in one line each and passed over; all damaged → `UserError`."""
+    damaged ones are named in one line each and passed over; all damaged → `UserError`.
+    With `set_aside` (a resuming run), the damaged ones passed over are renamed
+    `damaged-step-*` — kept for inspection, out of the run's way."""
     damaged = []
     for p in _candidates(ckpt_root, warn):
         try:
@@ -155,6 +160,12 @@ def resume_point(ckpt_root: Path, *, verify: bool = True, map_location="cpu", wa
             damaged.append(exc)
             warn(f"warning: checkpoint {p.name} is damaged ({exc.reason}); trying the one before it")
             continue
+        if set_aside and damaged:
+            for d in damaged:
+                aside = d.path.with_name(f"damaged-{d.path.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                d.path.rename(aside)
+            warn(f"warning: moved aside (not deleted): {', '.join(f'damaged-{d.path.name}' for d in damaged)}")
         return p, weights, state
     if damaged:
         names = "; ".join(f"{d.path.relative_to(ckpt_root.parent)}: {d.reason}" for d in damaged)

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(c)
+    rn = sub.add_parser("runs", help="a table of runs (task, algorithm, steps, eval reward, KL, wall time, commit)")
+    rn.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders holding runs (default: runs)")
+    rn.add_argument("--plot", metavar="PNG", help="also put their training-reward curves on one PNG")
+    rn.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
     return ap
 
 
@@ -260,6 +264,30 @@ def _other_rank() -> bool:
     return os.environ.get("RANK", "0").strip() not in ("", "0")
 
 
+def cmd_runs(args) -> int:
+    from .runs import COLUMNS, find_runs, plot, summary, table_rows
+
+    rows = [summary(p) for p in find_runs(args.dirs)]
+    if args.json:
+        for r in rows:
+            print(json.dumps({k: v for k, v in r.items() if k != "curve"}, ensure_ascii=False))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(*COLUMNS)
+        for r in table_rows(rows):
+            t.add_row(*r)
+        Console(width=200).print(t)
+    if args.plot:
+        out = Path(args.plot)
+        if out.is_dir():
+            raise UserError(f"--plot '{out}' is a folder", "give a file name, e.g. runs.png")
+        plot(rows, out)
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
@@ -270,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             err = UserError(f"only `dynalm train` runs data-parallel, not `dynalm {args.cmd}`", "run it without accelerate launch")
             err.all_ranks = True
             raise err
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "config": cmd_config}[args.cmd](args)
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "config": cmd_config,
+                "runs": cmd_runs}[args.cmd](args)
     except UserError as err:
         if not (getattr(err, "all_ranks", False) and _other_rank()):
             print(f"dynalm: error: {err.line()}", file=sys.stderr)

@@ -157,6 +157,10 @@ class EnvConfig(_Section):
     transcripts: int = Field(
         8, ge=0, description="dialog: eval episodes per side (base, trained) written to transcripts.jsonl in the run directory."
     )
+    record_transitions: bool = Field(
+        False, description="Write every training and eval episode's transitions (state, action, next observation, reward, "
+        "terminated/truncated, token counts) to transitions.jsonl in the run directory, to learn an environment model from."
+    )
 
     @field_validator("user_instructions")
     @classmethod

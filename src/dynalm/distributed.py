@@ -73,6 +73,11 @@ def check_world(cfg, world_size: int) -> None:
             "dyna is not supported in data-parallel runs yet (each process would keep its own reward-model buffer)",
             "run Dyna in one process, or set dyna.enabled: false",
         )
+    if cfg.env.record_transitions:
+        raise UserError(
+            "env.record_transitions is not supported in data-parallel runs yet (rank 0 would see only its own episodes)",
+            "record transitions in a one-process run, or set env.record_transitions: false",
+        )
     if cfg.algorithm.dynamic_sampling:
         raise UserError(
             "algorithm.dynamic_sampling is not supported in data-parallel runs yet (each process would refill its own share)",

@@ -55,6 +55,7 @@ from .integrity import DamagedFile, read_manifest, write_guard, write_manifest
 from .evaluate import evaluate
 from .models.policy import PolicyValueModel, pick_device
 from .envs import make_env
+from . import transitions
 from .report import finalize_report
 from .rewards import RewardSet
 from .rl.trainer import NonFiniteError, Trainer, seed_everything
@@ -114,7 +115,7 @@ def set_threads(cfg: Config, dist: Dist | None = None) -> None:
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
-             "curves.png", "tokens.html", "transcripts.jsonl", ".config.yaml.tmp", "config.yaml")
+             "curves.png", "tokens.html", "transcripts.jsonl", "transitions.jsonl", ".config.yaml.tmp", "config.yaml")
 
 
 def check_run_dir(out: Path, *, force: bool) -> None:
@@ -247,6 +248,26 @@ def read_run_config(run_dir: Path) -> dict:
     return data
 
 
+def source_commit() -> str | None:
+    """The git commit of the dynalm source that is running (short hash, "+dirty" with local
+    changes); None outside a git checkout. Computed once per process."""
+    global _COMMIT
+    if _COMMIT is None:
+        import subprocess
+
+        src = Path(__file__).resolve().parent
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", str(src)], cwd=src, capture_output=True, text=True, timeout=5)
+            _COMMIT = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            _COMMIT = ""
+    return _COMMIT or None
+
+
+_COMMIT: str | None = None
+
+
 def config_sha256(cfg: Config) -> str:
     return hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
 
@@ -263,7 +284,7 @@ def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
         trainer.model.trainable_state_dict(),
         state,
         cfg.log.keep_checkpoints,
-        meta={"config_sha256": config_sha256(cfg)},
+        meta={"config_sha256": config_sha256(cfg), "commit": source_commit()},
     )
 
 
@@ -441,7 +462,7 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
         if main:
             clean_partial_checkpoints(run_dir / "checkpoints")
             try:  # the newest checkpoint that passes its manifest and loads; damaged ones are named
-                found = resume_point(run_dir / "checkpoints", verify=verify, map_location=model.device, warn=echo)
+                found = resume_point(run_dir / "checkpoints", verify=verify, map_location=model.device, warn=echo, set_aside=True)
             except UserError as err:
                 failed = err
             ckpt = found[0] if found is not None else None
@@ -474,6 +495,7 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
     if main:
         _truncate_jsonl(run_dir / "metrics.jsonl", trainer.step_idx)
         _truncate_jsonl(run_dir / "samples.jsonl", trainer.step_idx)
+        _truncate_jsonl(run_dir / transitions.FILE, trainer.step_idx)
     last_ckpt = ckpt
 
     stop = {"sig": None}
@@ -505,6 +527,8 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
                     logger.log(m)
                     if step % cfg.log.samples_every == 0 or step == 1:
                         logger.log_samples(step, logged)
+                    if cfg.env.record_transitions:
+                        transitions.record(run_dir / transitions.FILE, model.tokenizer, step, "train", transitions.batch_transcripts(res.batch))
                     if trainer.truncated_prompts and not warned_truncation:
                         warned_truncation = True  # once per run: the count keeps growing, the advice does not change
                         echo(
@@ -554,6 +578,11 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
                 from .evaluate_episodes import write_transcripts
 
                 write_transcripts(run_dir / "transcripts.jsonl", result, cfg.env.transcripts)
+        if cfg.env.record_transitions:
+            for side in ("base", "trained"):
+                eps = [s["turns"] if "turns" in s else [{"role": "user", "content": s["prompt"]},
+                       {"role": "assistant", "content": s["completion"], "reward": s["reward"]}] for s in result[side]["samples"]]
+                transitions.record(run_dir / transitions.FILE, model.tokenizer, trainer.step_idx, f"eval-{side}", eps)
         echo(
             f"eval reward: base {result['base']['reward']:.4f} → trained {result['trained']['reward']:.4f} "
             f"({result['delta_reward']:+.4f}) on {result['n_prompts']} held-out prompts"

@@ -156,7 +156,8 @@ class CustomEnv:
         glue = []
         for j, i in enumerate(live):
             self._log[i].append({"role": "assistant", "content": replies[j], "reward": total[j],
-                                 "terms": {n: v[j] for n, v in terms.items()}, "info": _jsonable(infos[j])})
+                                 "terms": {n: v[j] for n, v in terms.items()}, "info": _jsonable(infos[j]),
+                                 **({"truncated": True} if cut[j] else {})})
             if obs_msgs[j] is None:
                 glue.append(None)
                 continue

@@ -51,6 +51,18 @@ class Algorithm:
             )
         if self.loss == "pg" and algo.importance_sampling == "sequence":
             raise ValueError(f"algorithm.importance_sampling: sequence needs a ratio; {self.name}'s loss has none (use ppo or grpo)")
+        if algo.clip_range_high is not None:
+            if self.loss == "pg":
+                raise ValueError(f"algorithm.clip_range_high needs a clipped ratio; {self.name}'s loss has none (use ppo or grpo)")
+            if algo.clip_range_high < algo.clip_range:
+                raise ValueError(
+                    f"algorithm.clip_range_high ({algo.clip_range_high}) must be at least clip_range ({algo.clip_range}): "
+                    "clip-higher widens the upper side"
+                )
+        if self.advantage == "returns" and not algo.whiten_advantages:
+            raise ValueError(f"{self.name} normalises its advantages over the batch by definition; set algorithm.whiten_advantages: true")
+        if algo.dynamic_sampling and not self.needs_group:
+            raise ValueError(f"algorithm.dynamic_sampling refills prompt groups of a group baseline (grpo, rloo), not {self.name}")
 
 
 ALGORITHMS: dict[str, Algorithm] = {

@@ -113,6 +113,12 @@ def _side_value_targets(batch: Batch, mask: torch.Tensor, gamma) -> None:
 # ----------------------------------------------------------------------------- the loss
 
 
+def assistant_turns(cfg) -> int:
+    """Assistant turns an episode can have: 1 for the text env, the dialog's turn count, a
+    custom env's max_turns (Dr. GRPO's constant divides by rows × this × max_new_tokens)."""
+    return {"text": 1, "dialog": cfg.env.turns}.get(cfg.env.kind, cfg.env.max_turns)
+
+
 def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Tensor, dict]:
     """The loss of one minibatch and its parts, per the algorithm's entry and the variants
     of `algorithm` (loss_agg, clip_range_high, importance_sampling) and `rollout.is_cap`."""
@@ -120,7 +126,7 @@ def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Te
     algo = get(a.name)
     mask = mb.action_mask
     out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=cfg.generation.temperature)
-    agg = dict(how=a.loss_agg, max_tokens=cfg.generation.max_new_tokens * max(cfg.env.max_turns, 1))
+    agg = dict(how=a.loss_agg, max_tokens=cfg.generation.max_new_tokens * assistant_turns(cfg))
     is_w = losses.truncated_is_weights(mb.logprobs, mb.rollout_logprobs, cfg.rollout.is_cap, mask)
     clip_hi = a.clip_range_high if a.clip_range_high is not None else a.clip_range
     if algo.loss == "pg":

@@ -233,10 +233,18 @@ class Trainer:
         t_env = info.pop("time/env")  # the environment answered (and, without Dyna, scored) inside the rollout
         t1 -= t_env
         if a.dynamic_sampling:  # DAPO: replace groups that all scored alike (rl/dynamic_sampling.py)
-            batch, more = refill_flat_groups(batch, lambda k: self._draw(k)[0], n, a.dynamic_sampling_max_rounds,
-                                             self.model.tokenizer.pad_token_id or 0)
+            extra = {"truncated": 0}
+
+            def draw(k):
+                b, tr, _, _, _ = self._draw(k)
+                extra["truncated"] += tr
+                return b
+
+            batch, more = refill_flat_groups(batch, draw, n, a.dynamic_sampling_max_rounds, self.model.tokenizer.pad_token_id or 0)
             info.update(more)
+            trunc += extra["truncated"]
             self.reward_calls += n * more["dynamic/extra_groups"]
+            t1 = time.perf_counter() - t_env  # the extra rollouts (and their scoring) count as rollout time
         if self.dyna is not None:
             t2 = self._dyna_score(batch, rows, group, step, info)
         else:
