@@ -115,3 +115,39 @@ def test_reward_functions_written_for_trl_work_unchanged(tmp_path):
     assert scored.terms["accuracy"] == [1.0, 0.0]
     assert scored.terms["ours"] == [0.0, 1.0]
     assert scored.scores == [0.0, -8.0]
+
+
+def test_mentions_is_sparse_and_whole_word():
+    from dynalm.rewards import RewardSet
+    from dynalm.rewards.text import mentions
+
+    assert mentions(["x"] * 4, ["My Dog loved it", "a dogma", "cats!", "nothing"], words=["dog", "cats"]) == [1.0, 0.0, 1.0, 0.0]
+    rs = RewardSet([RewardTerm(name="mentions", kwargs={"words": ["owl"]})])
+    assert rs(["p", "p"], ["an owl", "a bowl"]).scores == [1.0, 0.0]
+    with pytest.raises(ValueError, match="mentions needs kwargs"):
+        mentions([], [])
+
+
+OPENING = "The old lighthouse keeper climbed the stairs every night to light the lamp."
+RESTATED = "The old lighthouse keeper climbed the stairs every night, and then he lit the lamp."
+CONTINUED = "One stormy evening he saw a small boat drifting toward the rocks below the tower."
+
+
+def test_copy_marks_words_inside_reproduced_ngrams():
+    # "the old lighthouse keeper climbed the stairs every night": 9 of the restatement's 15 words
+    assert T.copy([OPENING], [RESTATED]) == [pytest.approx(9 / 15)]
+    assert T.copy([OPENING], [CONTINUED]) == [0.0]
+    assert T.copy(["a b c d"], ["x a b c d y"]) == [pytest.approx(4 / 6)]
+    assert T.copy(["a b c"], ["a b c"]) == [0.0]  # shorter than a 4-gram: nothing to copy
+    assert T.uncopied_text(OPENING, RESTATED) == "and then he lit the lamp"
+
+
+def test_a_restatement_scores_below_a_continuation_once_copying_does_not_pay():
+    """Issue 20: the story reward bought relatedness by restating the opening."""
+    old = RewardSet([RewardTerm(name="relatedness"), RewardTerm(name="novelty", weight=0.5)])
+    new = RewardSet([RewardTerm(name="relatedness", kwargs={"exclude_copied": True}), RewardTerm(name="novelty", weight=0.5),
+                     RewardTerm(name="copy", weight=-1.0)])
+    o = old([OPENING] * 2, [RESTATED, CONTINUED]).scores
+    n = new([OPENING] * 2, [RESTATED, CONTINUED]).scores
+    assert o[0] > o[1]  # the old reward prefers the restatement
+    assert n[1] > n[0]  # the new one the continuation

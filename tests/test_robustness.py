@@ -417,7 +417,7 @@ def test_memory_refusal_names_the_knob(setup, tmp_path, monkeypatch, capsys, ava
     from dynalm.models.policy import PolicyValueModel
 
     avail = int(avail_mib * 2**20)
-    monkeypatch.setattr(run_mod, "available_memory", lambda device: avail)
+    monkeypatch.setattr("dynalm.memory.available_memory", lambda device: avail)
     cfg = build_config(setup["raw"])
     est = run_mod.model_memory_estimate(PolicyValueModel.from_config(cfg), cfg)
     run = tmp_path / "run"

@@ -27,9 +27,7 @@ others stop after the last checkpoint. A signal stops every process at the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -44,10 +42,9 @@ from .checkpoint import (
     load_checkpoint,
     resume_point,
     save_checkpoint,
-    write_bytes_atomic,
     write_text_atomic,
 )
-from .config import Config, build_config, dump_config, read_yaml
+from .config import Config, build_config, dump_config
 from .data import read_rows
 from .distributed import Dist, check_world
 from .errors import UserError
@@ -56,21 +53,18 @@ from .evaluate import evaluate
 from .models.policy import PolicyValueModel, pick_device
 from .envs import make_env
 from . import transitions
+from .memory import check_memory, estimate_memory, model_memory_estimate  # noqa: F401 (re-exported for tests)
 from .report import finalize_report
+from .rundir import (  # noqa: F401 (some re-exported)
+    _Logger, _truncate_jsonl, check_run_dir, config_sha256, default_run_dir, prepare_run_dir,
+    read_run_config, source_commit,
+)
 from .rewards import RewardSet
 from .rl.trainer import NonFiniteError, Trainer, seed_everything
-
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
-
 
 class Stopped(Exception):
     def __init__(self, signum: int):
         self.signum = signum
-
-
-def default_run_dir(cfg: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.task}-{cfg.algorithm.name}-{stamp}"
 
 
 def train_rows(cfg: Config) -> list[dict]:
@@ -114,110 +108,6 @@ def set_threads(cfg: Config, dist: Dist | None = None) -> None:
     torch.set_num_threads(n)
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
-             "curves.png", "tokens.html", "transcripts.jsonl", "transitions.jsonl", ".config.yaml.tmp", "config.yaml")
-
-
-def check_run_dir(out: Path, *, force: bool) -> None:
-    """Refuse an --out that holds a run (unless forced) or files a run would overwrite; changes nothing."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file", "pick a folder for the run")
-    if out.exists() and not (out / "config.yaml").exists():
-        # (a lone .config.yaml.tmp is ours: what a kill before config.yaml leaves behind)
-        clash = [m for m in RUN_FILES if m != ".config.yaml.tmp" and (out / m).exists()]
-        if clash:  # not a run of ours: never delete a user's files, even with --force
-            raise UserError(f"'{out}' holds '{clash[0]}' but is not a dynalm run", "pick an empty or new --out folder")
-    if out.exists() and any((out / m).exists() for m in RUN_MARKERS) and not force:
-        raise UserError(
-            f"'{out}' already holds a run", "pick another --out, resume it with --resume, or pass --force to overwrite"
-        )
-
-
-def prepare_run_dir(out: Path, *, force: bool) -> None:
-    check_run_dir(out, force=force)
-    if out.exists() and force and (out / "config.yaml").exists():
-        # config.yaml goes last: a --force killed midway leaves a folder that is still a
-        # run (refused without --force) rather than a half-deleted one that looks empty.
-        for m in RUN_FILES:
-            p = out / m
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep the lines of steps ≤ max_step (those the checkpoint covers).
-
-    A kill -9 can leave the last line half written: it is dropped. Lines are split at
-    newline bytes only: str.splitlines() would also split inside samples' text (U+2028, ...).
-    """
-    if not path.is_file():
-        return
-    lines = path.read_bytes().split(b"\n")
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-    keep = []
-    for i, ln in enumerate(lines):
-        if not ln.strip():
-            continue
-        try:
-            rec = json.loads(ln)
-        except ValueError:  # JSONDecodeError, or a UTF-8 sequence cut in half
-            rec = None
-        if not isinstance(rec, dict):
-            if i == last:
-                break
-            raise UserError(f"{path}: line {i + 1} is damaged (not a JSON object)", "delete that line and resume again")
-        if rec.get("step", 0) <= max_step:
-            keep.append(ln + b"\n")
-    write_bytes_atomic(path, b"".join(keep))
-
-
-class _Logger:
-    def __init__(self, run_dir: Path, cfg: Config):
-        self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
-        self.tb = None
-        if cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                self.tb = None
-
-    def log(self, m: dict) -> None:
-        self.metrics.write(json.dumps(m) + "\n")
-        self.metrics.flush()
-        if self.tb is not None:
-            for k, v in m.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, m["step"])
-
-    def log_samples(self, step: int, batch) -> None:
-        for i in range(len(batch)):
-            rec = {
-                "step": step,
-                "prompt": batch.prompts[i],
-                "completion": batch.completions[i],
-                "reward": float(batch.scores[i]),
-            }
-            terms = {k: float(v[i]) for k, v in batch.reward_terms.items()}
-            if any(math.isnan(x) for x in terms.values()):  # Dyna: scored by the learned model
-                rec["scored_by"] = "model"
-            else:
-                rec.update(terms)
-            self.samples.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.samples.flush()
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.samples.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _progress(cfg: Config, total: int, start: int, show: bool = True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -231,45 +121,6 @@ def _progress(cfg: Config, total: int, start: int, show: bool = True):
         disable=not (cfg.log.progress and show),
         transient=False,
     )
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """A run's config.yaml, which dynalm writes whole (every section): one that lost
-    sections was cut short (a full disk, a partial copy), not edited, and is refused
-    rather than silently filled with defaults."""
-    path = run_dir / "config.yaml"
-    data = read_yaml(path)
-    missing = [k for k in Config.model_fields if k not in data]
-    if missing:
-        raise UserError(
-            f"{path} is damaged: it lacks the sections {', '.join(missing)} that dynalm writes",
-            "restore it from a copy; checkpoints/*/manifest.json holds the SHA-256 of the original",
-        )
-    return data
-
-
-def source_commit() -> str | None:
-    """The git commit of the dynalm source that is running (short hash, "+dirty" with local
-    changes); None outside a git checkout. Computed once per process."""
-    global _COMMIT
-    if _COMMIT is None:
-        import subprocess
-
-        src = Path(__file__).resolve().parent
-        try:
-            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
-            dirty = subprocess.run(["git", "status", "--porcelain", "--", str(src)], cwd=src, capture_output=True, text=True, timeout=5)
-            _COMMIT = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
-        except (OSError, subprocess.SubprocessError):
-            _COMMIT = ""
-    return _COMMIT or None
-
-
-_COMMIT: str | None = None
-
-
-def config_sha256(cfg: Config) -> str:
-    return hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
 
 
 def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
@@ -286,115 +137,6 @@ def _checkpoint(trainer: Trainer, run_dir: Path) -> Path:
         cfg.log.keep_checkpoints,
         meta={"config_sha256": config_sha256(cfg), "commit": source_commit()},
     )
-
-
-# ----------------------------------------------------------------------------- memory
-
-# float32 values kept per token, hidden unit and layer for the backward pass: ~17 for a
-# transformer block (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34
-# bytes at 16 bit), rounded up for wider MLPs and the LoRA inputs.
-ACTIVATION_FACTOR = 20
-# Copies of the [batch, new tokens, vocab] logits alive in the update: the logits, the
-# tempered copy, log-softmax, the entropy's probabilities and product, their gradients.
-LOGITS_FACTOR = 6
-
-
-def estimate_memory(
-    *, param_bytes: int, trainable_bytes: int, hidden: int, layers: int, vocab: int,
-    batch: int, prompt_tokens: int, new_tokens: int, bytes_per_value: int = 4,
-) -> dict[str, int]:
-    """Peak bytes of one training step, by part; an upper bound for the per-token parts
-    since prompts count at their maximum length.
-
-    weights      all parameters (policy, reference copy, value head)
-    optimizer    gradients + Adam's two moments of the trainable parameters
-    activations  batch × (prompt + new tokens) × hidden × layers × ACTIVATION_FACTOR values
-    logits       batch × (new tokens + 1) × vocab × LOGITS_FACTOR values
-    `batch` is the update's minibatch: the update (forward with gradients) is the peak.
-    """
-    est = {
-        "weights": param_bytes,
-        "optimizer": 3 * trainable_bytes,
-        "activations": batch * (prompt_tokens + new_tokens) * hidden * layers * ACTIVATION_FACTOR * bytes_per_value,
-        "logits": batch * (new_tokens + 1) * vocab * LOGITS_FACTOR * bytes_per_value,
-    }
-    est["total"] = sum(est.values())
-    return est
-
-
-def model_memory_estimate(model: PolicyValueModel, cfg: Config, world_size: int = 1) -> dict[str, int]:
-    """Per process: data-parallel, a process holds at most its share of a minibatch."""
-    tc = model.lm.config.get_text_config()
-    params = list(model.parameters())  # tied weights counted once
-    return estimate_memory(
-        param_bytes=sum(p.numel() * p.element_size() for p in params),
-        trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-        hidden=tc.hidden_size,
-        layers=tc.num_hidden_layers,
-        vocab=tc.vocab_size,
-        batch=min(cfg.algorithm.minibatch_size or cfg.train.batch_size, cfg.train.batch_size // world_size),
-        prompt_tokens=cfg.model.max_prompt_tokens,
-        new_tokens=_new_tokens(cfg),
-    )
-
-
-def _new_tokens(cfg: Config) -> int:
-    """Tokens after the prompt in a training sequence; a dialog holds every turn (both sides)."""
-    if cfg.env.kind == "dialog":
-        from .envs.dialog import region_tokens
-
-        return region_tokens(cfg)
-    if cfg.env.kind == "custom":  # every turn, with a guess of 64 tokens per observation and template
-        return cfg.env.max_turns * cfg.generation.max_new_tokens + (cfg.env.max_turns - 1) * 64
-    return cfg.generation.max_new_tokens
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for this run: CUDA's free memory, or Linux's MemAvailable; None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def check_memory(model: PolicyValueModel, cfg: Config, world_size: int = 1) -> str:
-    """Refuse (UserError) a run whose estimate exceeds the memory available; returns the log line."""
-    est = model_memory_estimate(model, cfg, world_size)
-    avail = available_memory(model.device)
-    line = (
-        f"memory: ~{_size(est['total'])} peak estimated (weights {_size(est['weights'])}, "
-        f"gradients+Adam {_size(est['optimizer'])}, activations {_size(est['activations'])}, "
-        f"logits {_size(est['logits'])}); "
-        + (f"{_size(avail)} available on {model.device.type}" if avail is not None else "available memory unknown")
-    )
-    # The model is already loaded, so `avail` no longer includes its weights.
-    need = est["total"] - est["weights"]
-    if avail is None or not cfg.train.memory_check or need <= avail:
-        return line
-    what = f"estimated peak memory {_size(est['total'])} exceeds the {_size(avail + est['weights'])} available"
-    fixed = est["optimizer"]
-    mb = min(cfg.algorithm.minibatch_size or cfg.train.batch_size, cfg.train.batch_size // world_size)
-    per_sample = (est["activations"] + est["logits"]) / mb
-    fit = int((avail - fixed) // per_sample) if avail > fixed else 0
-    if fit >= 1:
-        knob = (f"lower algorithm.minibatch_size to {fit} or less (now {mb})" if cfg.algorithm.minibatch_size
-                else f"set algorithm.minibatch_size (or train.batch_size, now {mb}) to {fit} or less")
-    elif avail > fixed:
-        knob = (f"lower generation.max_new_tokens (now {cfg.generation.max_new_tokens}) "
-                f"or model.max_prompt_tokens (now {cfg.model.max_prompt_tokens})")
-    else:  # the weights' gradients and Adam state alone do not fit
-        knob = "pick a smaller model.name" if cfg.model.lora.enabled else "enable model.lora.enabled or pick a smaller model.name"
-    raise UserError(what, f"{knob}; or set train.memory_check=false to try anyway")
 
 
 # ----------------------------------------------------------------------------- train

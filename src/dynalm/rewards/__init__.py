@@ -26,6 +26,8 @@ BUILTINS: dict[str, RewardFn] = {
     "novelty": text.novelty,
     "repetition": text.repetition,
     "length": text.length,
+    "mentions": text.mentions,
+    "copy": text.copy,
     "relatedness": models.relatedness,
     "sentiment": models.sentiment,
     "chrf": tasks.chrf,

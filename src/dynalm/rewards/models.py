@@ -38,8 +38,16 @@ def cosine_pairs(a: list[str], b: list[str]) -> list[float]:
     return (ea * eb).sum(-1).tolist()
 
 
-def relatedness(prompts, completions, **kwargs) -> list[float]:
-    """Cosine similarity of all-MiniLM-L6-v2 embeddings of prompt and completion (−1..1)."""
+def relatedness(prompts, completions, exclude_copied: bool = False, n: int = 4, **kwargs) -> list[float]:
+    """Cosine similarity of all-MiniLM-L6-v2 embeddings of prompt and completion (−1..1).
+
+    With `exclude_copied`, only the part of the completion that is not copied from the
+    prompt (words outside reproduced n-grams, rewards/text.py) is embedded: restating the
+    opening then earns nothing, writing on its topic still does."""
+    if exclude_copied:
+        from .text import uncopied_text
+
+        completions = [uncopied_text(p, c, n) for p, c in zip(prompts, completions)]
     return cosine_pairs(list(prompts), [c if c.strip() else "." for c in completions])
 
 

@@ -61,7 +61,39 @@ def novelty_one(prompt: str, completion: str) -> float:
     return sum(w not in seen for w in content) / len(content)
 
 
+def copied_spans(prompt: str, completion: str, n: int = 4) -> tuple[list[str], list[bool]]:
+    """The completion's words, and for each whether it lies inside an n-gram that also
+    occurs in the prompt (so a restated phrase is marked word by word)."""
+    ws = words(completion)
+    seen = set(ngrams(words(prompt), n))
+    mark = [False] * len(ws)
+    for i, g in enumerate(ngrams(ws, n)):
+        if g in seen:
+            for j in range(i, i + n):
+                mark[j] = True
+    return ws, mark
+
+
+def copy_share(prompt: str, completion: str, n: int = 4) -> float:
+    """Share of the completion's words that sit in an n-gram copied from the prompt."""
+    ws, mark = copied_spans(prompt, completion, n)
+    return sum(mark) / len(ws) if ws else 0.0
+
+
+def uncopied_text(prompt: str, completion: str, n: int = 4) -> str:
+    """The completion without the words of n-grams copied from the prompt."""
+    ws, mark = copied_spans(prompt, completion, n)
+    return " ".join(w for w, m in zip(ws, mark) if not m)
+
+
 # ----------------------------------------------------------------------------- reward functions
+
+
+def copy(prompts, completions, n: int = 4, **kwargs) -> list[float]:
+    """Share of the completion's words inside an n-gram (default 4-gram) reproduced from the
+    prompt: 1 for a restatement of the opening, ~0 for a continuation. Give it a negative
+    weight as a penalty on buying relatedness by copying."""
+    return [copy_share(p, c, n) for p, c in zip(prompts, completions)]
 
 
 def distinct1(prompts, completions, **kwargs) -> list[float]:
@@ -90,3 +122,13 @@ def length(prompts, completions, target: int | None = None, **kwargs) -> list[fl
     if target is None:
         return [float(c) for c in counts]
     return [max(0.0, 1.0 - abs(c - target) / target) for c in counts]
+
+
+def mentions(prompts, completions, words: list[str] | None = None, **kwargs) -> list[float]:
+    """1 when the completion contains one of `words` (whole words, any case), else 0: a
+    sparse reward, e.g. "name an animal", for testing how an algorithm copes with prompt
+    groups that all score 0. Give the list as `kwargs: {words: [...]}`."""
+    if not words:
+        raise ValueError("mentions needs kwargs: {words: [...]}")
+    wanted = {w.lower() for w in words}
+    return [1.0 if wanted & set(_WORD.findall(c.lower())) else 0.0 for c in completions]
