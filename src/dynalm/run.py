@@ -322,8 +322,7 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
                 write_transcripts(run_dir / "transcripts.jsonl", result, cfg.env.transcripts)
         if cfg.env.record_transitions:
             for side in ("base", "trained"):
-                eps = [s["turns"] if "turns" in s else [{"role": "user", "content": s["prompt"]},
-                       {"role": "assistant", "content": s["completion"], "reward": s["reward"]}] for s in result[side]["samples"]]
+                eps = transitions.eval_transcripts(result[side])
                 transitions.record(run_dir / transitions.FILE, model.tokenizer, trainer.step_idx, f"eval-{side}", eps)
         echo(
             f"eval reward: base {result['base']['reward']:.4f} → trained {result['trained']['reward']:.4f} "

@@ -60,17 +60,26 @@ def _count(tokenizer, msgs: list[dict] | None) -> int:
     return sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs)
 
 
+def text_transcript(prompt: str, completion: str, reward: float, terms: dict | None = None) -> list[dict]:
+    """A single-turn (text env) episode in the transcript shape of the multi-turn envs."""
+    return [{"role": "user", "content": prompt},
+            {"role": "assistant", "content": completion, "reward": float(reward), "terms": terms or {}}]
+
+
 def batch_transcripts(batch) -> list[list[dict]]:
     """The episodes of a rollout batch as transcripts: a multi-turn env's own, or for the
     text env the prompt and the scored completion."""
     if "transcript" in batch.extras:
         return batch.extras["transcript"]
     terms = {k: v.tolist() for k, v in batch.reward_terms.items()}
-    return [
-        [{"role": "user", "content": p},
-         {"role": "assistant", "content": c, "reward": float(batch.scores[i]), "terms": {k: v[i] for k, v in terms.items()}}]
-        for i, (p, c) in enumerate(zip(batch.prompts, batch.completions))
-    ]
+    return [text_transcript(p, c, batch.scores[i], {k: v[i] for k, v in terms.items()})
+            for i, (p, c) in enumerate(zip(batch.prompts, batch.completions))]
+
+
+def eval_transcripts(side: dict) -> list[list[dict]]:
+    """The episodes of one side of an eval result (`samples`): transcripts as they are, or
+    built from a text eval's prompt, completion and reward."""
+    return [s["turns"] if "turns" in s else text_transcript(s["prompt"], s["completion"], s["reward"]) for s in side["samples"]]
 
 
 def record(path: Path, tokenizer, step: int, source: str, episodes: list[list[dict]]) -> int:

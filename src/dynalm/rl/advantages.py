@@ -115,6 +115,17 @@ def group_advantages(scores: torch.Tensor, group: torch.Tensor, scale: bool = Tr
     return adv
 
 
+def flat_groups(scores: torch.Tensor, group: torch.Tensor) -> list[int]:
+    """Ids of the groups (of more than one row) whose scores are all equal: a group baseline
+    gives them zero advantage, so no gradient (DAPO's reason for dynamic sampling)."""
+    out = []
+    for g in group.unique().tolist():
+        s = scores[group == g]
+        if s.numel() > 1 and float(s.std()) == 0.0:
+            out.append(g)
+    return out
+
+
 def leave_one_out_advantages(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """RLOO (Ahmadian et al., 2024): score minus the mean of the other completions of its prompt."""
     adv = torch.zeros_like(scores)

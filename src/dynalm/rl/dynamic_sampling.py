@@ -12,17 +12,8 @@ from typing import Callable
 
 import torch
 
+from .advantages import flat_groups
 from .batch import Batch
-
-
-def flat_groups(batch: Batch) -> list[int]:
-    """Group ids whose scores are all equal (std exactly 0)."""
-    out = []
-    for g in batch.group.unique().tolist():
-        s = batch.scores[batch.group == g]
-        if s.numel() > 1 and float(s.std()) == 0.0:
-            out.append(g)
-    return out
 
 
 def _rows_of(batch: Batch, groups: list[int]) -> torch.Tensor:
@@ -38,7 +29,7 @@ def refill_flat_groups(
     """`batch` with its flat groups replaced by informative ones from `draw(k)` (a scored
     batch of k new groups of n rows); returns (batch, metrics)."""
     groups = batch.group.unique().tolist()
-    flat = flat_groups(batch)
+    flat = flat_groups(batch.scores, batch.group)
     info = {"dynamic/flat_share": len(flat) / max(len(groups), 1), "dynamic/rounds": 0, "dynamic/extra_groups": 0}
     if not flat:
         info["dynamic/still_flat"] = 0
@@ -49,7 +40,7 @@ def refill_flat_groups(
         info["dynamic/rounds"] += 1
         new = draw(need)
         info["dynamic/extra_groups"] += need
-        good = [g for g in new.group.unique().tolist() if g not in flat_groups(new)][:need]
+        good = [g for g in new.group.unique().tolist() if g not in flat_groups(new.scores, new.group)][:need]
         if good:
             kept.append(new.rows(_rows_of(new, good)))
             need -= len(good)

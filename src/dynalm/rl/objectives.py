@@ -52,9 +52,7 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, coef: 
 def zero_std_groups(scores: torch.Tensor, group: torch.Tensor) -> float:
     """Share of prompt groups whose completions all scored the same: no gradient signal for
     a group baseline (the DAPO paper's motivation for dynamic sampling)."""
-    gs = group.unique()
-    flat = sum(1 for g in gs if scores[group == g].numel() > 1 and float(scores[group == g].std()) == 0.0)
-    return flat / max(len(gs), 1)
+    return len(adv_mod.flat_groups(scores, group)) / max(len(group.unique()), 1)
 
 
 def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> None:
