@@ -42,6 +42,17 @@ class ModelConfig(_Section):
         description="Add a value head; null = only when the algorithm needs one (a2c, ppo). With grpo/rloo it is "
         "trained on the Monte-Carlo return, for planning.",
     )
+    critic: Literal["head", "adapter", "model"] = Field(
+        "head", description="Where the value head reads its features: head = the policy's last hidden layer (the article's "
+        "form); adapter = a second LoRA adapter on the same frozen base (needs lora.enabled); model = a separate model, "
+        "critic_model or critic_init (PPO-MCTS, OpenRLHF)."
+    )
+    critic_model: str | None = Field(
+        None, description="critic: model — its LM (same forms as name, same tokenizer as the policy); null = a copy of name."
+    )
+    critic_init: str | None = Field(
+        None, description="critic: model — start it from a `dynalm train-rm` output folder (its trunk, adapter and head)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run; auto = cuda if available.")
     use_chat_template: bool = Field(True, description="Wrap prompts in the tokenizer's chat template when it has one.")
     system_prompt: str | None = Field(None, description="System message for chat templates; null = the template's default.")
@@ -192,6 +203,18 @@ class AlgorithmConfig(_Section):
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip ε.")
     clip_range_value: float | None = Field(0.2, gt=0, description="Value clip around the rollout value (ppo); null = off.")
     vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    value_target: Literal["gae", "mc"] | None = Field(
+        None, description="The critic's regression target: gae = the GAE(λ) return, mc = the Monte-Carlo return (λ = 1); "
+        "null = the advantage's own (TD(0) or GAE(λ)) for a2c/ppo, mc for the side critic of grpo/rloo/reinforce_pp."
+    )
+    value_norm: bool = Field(
+        False, description="PopArt: the head predicts the target normalised by running statistics (its outputs preserved "
+        "when they move) and the value loss is on that scale, so the critic does not chase the reward's scale."
+    )
+    value_warmup_steps: int = Field(
+        0, ge=0, description="The first N of train.steps fit only the critic on fresh rollouts; the policy does not move "
+        "(OpenRLHF's freezing_actor_steps)."
+    )
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null = off.")
     target_kl: float | None = Field(None, gt=0, description="Stop the epochs early when approx_kl exceeds this.")
@@ -364,6 +387,17 @@ class Config(_Section):
             )
         if algo.needs_value_head and self.model.value_head is False:
             raise ValueError(f"algorithm {algo.name} needs a value head but model.value_head is false")
+        m = self.model
+        if m.critic != "head" and not self.use_value_head:
+            raise ValueError(f"model.critic '{m.critic}' needs a value head (set model.value_head: true, or use a2c/ppo)")
+        if m.critic == "adapter" and not m.lora.enabled:
+            raise ValueError("model.critic 'adapter' is a second LoRA adapter: it needs model.lora.enabled: true")
+        if (m.critic_model or m.critic_init) and m.critic != "model":
+            raise ValueError("model.critic_model and model.critic_init need model.critic: model")
+        if m.critic_model and m.critic_init:
+            raise ValueError("give model.critic_model or model.critic_init, not both (critic_init brings its own model)")
+        if (algo.value_norm or algo.value_warmup_steps) and not self.use_value_head:
+            raise ValueError("algorithm.value_norm and value_warmup_steps train a critic: set model.value_head: true")
         if algo.minibatch_size is not None and algo.minibatch_size > self.train.batch_size:
             raise ValueError("algorithm.minibatch_size must not exceed train.batch_size")
         entry.check(algo, self.kl, self.train.batch_size)

@@ -121,6 +121,9 @@ def sample(
     values = torch.zeros((B, T), dtype=torch.float32, device=device) if with_values and model.value_head is not None else None
     alive = torch.ones(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
+    # A head on the policy's trunk reads V(s_t) off the decode; a critic with a trunk of its
+    # own scores the finished sequences in one pass of its own afterwards.
+    own_values = getattr(model, "critic_kind", "head") == "head"
 
     ctx = model.reference() if use_reference else contextlib.nullcontext(model.lm)
     was_training = model.training
@@ -134,7 +137,7 @@ def sample(
             n_done = 0
             for t in range(T):
                 logits, v, past = model.step_logits(
-                    lm, cur_ids, attn[:, : P + t], cur_pos, past, want_values=values is not None
+                    lm, cur_ids, attn[:, : P + t], cur_pos, past, want_values=values is not None and own_values
                 )
                 logits = logits / gen.temperature
                 logp_all = torch.log_softmax(logits, dim=-1)
@@ -148,7 +151,7 @@ def sample(
                 attn[:, P + t] = alive.long()
                 action_mask[:, t] = alive.float()
                 logprobs[:, t] = torch.where(alive, logp_all.gather(-1, tok[:, None]).squeeze(-1), 0.0)
-                if values is not None:
+                if values is not None and own_values:
                     values[:, t] = torch.where(alive, v, 0.0)
                 n_done = t + 1
                 if stops is not None:
@@ -159,6 +162,9 @@ def sample(
                     break
                 cur_ids, cur_pos = tok[:, None], next_pos[:, None]
                 next_pos = next_pos + 1
+        keep = P + n_done
+        if values is not None and not own_values and n_done:
+            values[:, :n_done] = model.critic_values(ids[:, :keep], attn[:, :keep], n_done) * action_mask[:, :n_done]
     finally:
         model.train(was_training)
     # trim columns no row used

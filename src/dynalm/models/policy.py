@@ -1,7 +1,8 @@
-"""The policy π(a|s) — a causal LM — and the critic V(s): a linear head on its last hidden layer.
+"""The policy π(a|s) — a causal LM — and the critic V(s): a linear head on a last hidden layer.
 
-The article (section 3.3) puts the value network on the policy's own trunk; so do we.
-With LoRA the reference policy is the same weights with the adapter disabled, so there
+The article (section 3.3) puts the value network on the policy's own trunk; that is the
+default (`model.critic: head`); `adapter` and `model` give the critic a trunk of its own
+(models/critic.py). With LoRA the reference policy is the same weights with the adapter disabled, so there
 is one copy of the model in memory. With full fine-tuning a frozen copy is kept.
 """
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from ..config import Config, ModelConfig
+from ..errors import UserError
+from .critic import CRITIC_ADAPTER, ValueNorm, adapter_active, add_critic_adapter, build_critic_lm, same_vocabulary
 from .loading import load_causal_lm
 
 # LoRA targets per architecture: the attention projections (as TRL's examples do).
@@ -84,7 +87,11 @@ def float32_head(lm: nn.Module) -> None:
 class PolicyValueModel(nn.Module):
     """A causal LM policy with an optional value head and a reference policy."""
 
-    def __init__(self, lm: nn.Module, tokenizer, *, lora: bool, value_head: bool, ref_lm: nn.Module | None = None):
+    def __init__(
+        self, lm: nn.Module, tokenizer, *, lora: bool, value_head: bool, ref_lm: nn.Module | None = None,
+        critic: str = "head", critic_lm: nn.Module | None = None, critic_head: nn.Linear | None = None,
+        value_norm: bool = False,
+    ):
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
@@ -103,6 +110,13 @@ class PolicyValueModel(nn.Module):
             # Small init keeps early values near zero, so early advantages ≈ rewards.
             nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5 * 0.1)
             nn.init.zeros_(self.value_head.bias)
+        if critic_head is not None:  # a train-rm reward model's head (model.critic_init)
+            self.value_head = critic_head
+        # Where V(s)'s features come from: the policy's trunk, its second adapter, or a model of its own.
+        self.critic_kind = critic if self.value_head is not None else "head"
+        self.critic_lm = critic_lm
+        self._critic_adapter = [p for n, p in lm.named_parameters() if f".{CRITIC_ADAPTER}." in n]
+        self.value_norm = ValueNorm() if value_norm and self.value_head is not None else None
         if ref_lm is not None:
             ref_lm.requires_grad_(False).eval()
         # Mixed precision: None = bfloat16 autocast on CUDA, none on CPU; tests set it to run
@@ -111,19 +125,28 @@ class PolicyValueModel(nn.Module):
         for m in (lm, ref_lm):
             if m is not None:
                 float32_head(m)
+        # What training changes, fixed now: peft's disable_adapter (the reference pass) and
+        # set_adapter flip requires_grad on adapters, so it cannot be read back later.
+        self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        self._trainable |= {f"value_norm.{b}" for b, _ in (self.value_norm.named_buffers() if self.value_norm else [])}
+        self._value_names = {
+            n for n in self._trainable
+            if n.startswith(("value_head.", "critic_lm.", "value_norm.")) or f".{CRITIC_ADAPTER}." in n
+        }
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | None = None) -> "PolicyValueModel":
-        model = cls.build(cfg.model, value_head=cfg.use_value_head, device=device)
+        model = cls.build(cfg.model, value_head=cfg.use_value_head, device=device, value_norm=cfg.algorithm.value_norm)
         model.value_detached = not cfg.algorithm.needs_value_head
         return model
 
     @classmethod
     def build(
-        cls, mcfg: ModelConfig, *, value_head: bool, device: torch.device | None = None, frozen: bool = False
+        cls, mcfg: ModelConfig, *, value_head: bool, device: torch.device | None = None, frozen: bool = False,
+        value_norm: bool = False,
     ) -> "PolicyValueModel":
-        """`frozen=True` loads the LM alone for inference: no adapter, no reference copy."""
+        """`frozen=True` loads the LM alone for inference: no adapter, no reference copy, no critic."""
         device = device or pick_device(mcfg.device)
         lm, tok = load_causal_lm(mcfg.name, dtype=torch.float32)
         lm.config.use_cache = True
@@ -145,7 +168,21 @@ class PolicyValueModel(nn.Module):
             lm = get_peft_model(lm, lcfg)
         else:
             ref = copy.deepcopy(lm)
-        model = cls(lm, tok, lora=mcfg.lora.enabled and not frozen, value_head=value_head, ref_lm=ref)
+        kind = mcfg.critic if value_head and not frozen else "head"
+        critic_lm = critic_head = None
+        if kind == "adapter":
+            add_critic_adapter(lm, mcfg.lora)
+        elif kind == "model":
+            critic_lm, critic_head, critic_tok = build_critic_lm(mcfg)
+            if not same_vocabulary(tok, critic_tok):
+                raise UserError(
+                    f"the critic model '{mcfg.critic_init or mcfg.critic_model}' has another tokenizer than the policy "
+                    f"'{mcfg.name}'", "use a critic built on the policy's model family (it reads the policy's token ids)"
+                )
+        model = cls(
+            lm, tok, lora=mcfg.lora.enabled and not frozen, value_head=value_head, ref_lm=ref,
+            critic=kind, critic_lm=critic_lm, critic_head=critic_head, value_norm=value_norm,
+        )
         return model.to(device)
 
     @property
@@ -166,15 +203,15 @@ class PolicyValueModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def policy_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.lm.parameters() if p.requires_grad]
+        return [p for n, p in self.named_parameters() if n in self._trainable and n not in self._value_names]
 
     def value_parameters(self) -> list[nn.Parameter]:
-        return list(self.value_head.parameters()) if self.value_head is not None else []
+        """The critic's: its head, plus its adapter or its own model's trainable weights."""
+        return [p for n, p in self.named_parameters() if n in self._value_names]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes: LoRA weights (or the full LM) and the value head."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+        """Only what training changes: LoRA weights (or the full LM), the critic, its statistics."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in self._trainable}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.trainable_state_dict() if k not in state]
@@ -187,8 +224,12 @@ class PolicyValueModel(nn.Module):
     def reference(self):
         """Yield the reference LM: the adapter switched off, or the frozen copy."""
         if self.lora:
-            with self.lm.disable_adapter():
-                yield self.lm
+            try:
+                with self.lm.disable_adapter():
+                    yield self.lm
+            finally:  # peft re-enables only the active (policy's) adapter's gradients
+                for p in self._critic_adapter:
+                    p.requires_grad_(True)
         else:
             yield self.ref_lm if self.ref_lm is not None else self.lm
 
@@ -202,7 +243,7 @@ class PolicyValueModel(nn.Module):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=pos,
-                output_hidden_states=want_values or want_hidden,
+                output_hidden_states=(want_values and self.critic_kind == "head") or want_hidden,
                 use_cache=False,
                 logits_to_keep=n_actions + 1,
             )
@@ -217,9 +258,11 @@ class PolicyValueModel(nn.Module):
         if want_entropy:
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         values = None
-        if want_values:
+        if want_values and self.critic_kind == "head":
             h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
-            values = self.value_head(h.detach() if self.value_detached else h).squeeze(-1)
+            values = self._value(h.detach() if self.value_detached else h)
+        elif want_values:
+            values = self.critic_values(input_ids, attention_mask, n_actions)
         return ForwardOut(logprobs, values, entropy, out.hidden_states[-1].float() if want_hidden else None)
 
     def forward(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0, entropy: bool = True) -> ForwardOut:
@@ -227,6 +270,35 @@ class PolicyValueModel(nn.Module):
         return self._run(
             self.lm, input_ids, attention_mask, n_actions, temperature, self.value_head is not None, entropy
         )
+
+    # ------------------------------------------------------------------ the critic
+    def _value(self, h: torch.Tensor) -> torch.Tensor:
+        v = self.value_head(h).squeeze(-1)
+        return self.value_norm(v) if self.value_norm is not None else v
+
+    def critic_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """The last hidden layer the critic reads, at every position [B, L, H] (float32)."""
+        if self.critic_kind == "head":
+            lm, ctx = self.lm, contextlib.nullcontext()
+        elif self.critic_kind == "adapter":
+            lm, ctx = self.lm, adapter_active(self.lm, CRITIC_ADAPTER, self._critic_adapter)
+        else:
+            lm, ctx = self.critic_lm, contextlib.nullcontext()
+        with ctx, self.autocast():
+            out = lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                output_hidden_states=True, use_cache=False, logits_to_keep=1,
+            )
+        return out.hidden_states[-1].float()
+
+    def state_values(self, input_ids, attention_mask, detach_trunk: bool = False) -> torch.Tensor:
+        """V(s) after every prefix [B, L]: position p holds V of the text up to token p."""
+        h = self.critic_hidden(input_ids, attention_mask)
+        return self._value(h.detach() if detach_trunk or (self.critic_kind == "head" and self.value_detached) else h)
+
+    def critic_values(self, input_ids, attention_mask, n_actions: int, detach_trunk: bool = False) -> torch.Tensor:
+        """V(s_t) before each of the last `n_actions` tokens [B, n_actions], from the critic's own pass."""
+        return self.state_values(input_ids, attention_mask, detach_trunk)[:, -n_actions - 1 : -1]
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0) -> torch.Tensor:
@@ -268,23 +340,29 @@ class PolicyValueModel(nn.Module):
             )
         logits = out.logits[:, -1].float()
         values = None
-        if want_values and self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
+        if want_values and self.value_head is not None and self.critic_kind == "head":
+            values = self._value(out.hidden_states[-1][:, -1].float())
         return logits, values, out.past_key_values
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir) -> None:
-        """Save a plain transformers model (LoRA merged) plus `value_head.safetensors`."""
+        """Save a plain transformers model (the policy's LoRA merged) plus the critic:
+        `value_head.safetensors` (V = weight·h + bias on the trunk's last hidden layer, value
+        normalisation folded in); a critic with its own trunk also writes `critic.safetensors`
+        (its adapter or model weights)."""
         from safetensors.torch import save_file
 
         if self.lora:
-            merged = copy.deepcopy(self.lm).merge_and_unload()
+            merged = copy.deepcopy(self.lm).merge_and_unload(adapter_names=["default"])
         else:
             merged = self.lm
         merged.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
         if self.value_head is not None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                f"{out_dir}/value_head.safetensors",
-            )
+            w, b = self.value_head.weight.detach(), self.value_head.bias.detach()
+            if self.value_norm is not None:  # V = σ(w·h + b) + μ
+                w, b = w * self.value_norm.std, b * self.value_norm.std + self.value_norm.mean
+            save_file({"weight": w.cpu().contiguous(), "bias": b.cpu().contiguous()}, f"{out_dir}/value_head.safetensors")
+        if self.critic_kind != "head":
+            own = {k: v for k, v in self.trainable_state_dict().items() if k in self._value_names and not k.startswith("value_")}
+            save_file({k: v.cpu().contiguous() for k, v in own.items()}, f"{out_dir}/critic.safetensors")

@@ -137,8 +137,14 @@ class TokenMCTS:
         # The prompt: one prefill with the policy (and the reference for the KL term).
         self.rollout = cfg.leaf == "rollout"
         self.want_values = cfg.leaf in ("value", "mean")
-        logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=self.want_values)
+        # A head on the policy's trunk reads V off the policy's own forward; a critic with its
+        # own trunk (model.critic: adapter | model) runs one pass of its own over the node's text.
+        self.own_values = self.want_values and getattr(model, "critic_kind", "head") == "head"
+        self.prompt_ids = prompt_ids
+        logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=self.own_values)
         self.forward_passes += 1
+        if self.want_values and not self.own_values:
+            value = self._critic_value([])
         ref_logits, self.root_ref_kv = None, None
         if self.use_kl:
             with model.reference() as ref:
@@ -225,8 +231,10 @@ class TokenMCTS:
         children and returns V(node) (None without a value head)."""
         m = self.model
         prefix = kvx.join(self.root_kv, [n.kv for n in path[:-1]])
-        logits, value, node.kv = kvx.extend(m, m.lm, prefix, node.token, self.want_values)
+        logits, value, node.kv = kvx.extend(m, m.lm, prefix, node.token, self.own_values)
         self.forward_passes += 1
+        if self.want_values and not self.own_values:
+            value = self._critic_value([n.token for n in path])
         ref_logits = None
         if self.use_kl:
             prefix = kvx.join(self.root_ref_kv, [n.ref_kv for n in path[:-1]])
@@ -235,6 +243,14 @@ class TokenMCTS:
             self.forward_passes += 1
         self._add_children(node, logits, ref_logits)
         return value
+
+    @torch.no_grad()
+    def _critic_value(self, path_tokens: list[int]) -> float:
+        """V(s) of the prompt + the committed tokens + `path_tokens`, by the critic's own pass."""
+        toks = torch.tensor([self.committed + path_tokens], dtype=torch.long, device=self.prompt_ids.device)
+        ids = torch.cat([self.prompt_ids, toks], dim=1)
+        self.forward_passes += 1
+        return float(self.model.state_values(ids, torch.ones_like(ids))[0, -1])
 
     def _leaf_value(self, value, tokens: list[int], path_reward: float) -> float:
         """An unfinished leaf's score: V(s), the reward of the partial text, or their mean; plus the path's per-token rewards."""

@@ -72,10 +72,13 @@ def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> 
             batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, gamma)
         else:
             batch.advantages, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, a.lam)
+        if a.value_target is not None:  # the critic's target chosen apart from the advantage's
+            lam = 1.0 if a.value_target == "mc" else a.lam
+            _, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, lam)
     elif algo.advantage == "returns":
         # REINFORCE++: the discounted return-to-go of each token (GAE with V = 0, λ = 1), whitened below
         batch.advantages, _ = adv_mod.gae(batch.rewards, torch.zeros_like(mask), mask, gamma, 1.0)
-        _side_value_targets(batch, mask, gamma)
+        _side_value_targets(batch, mask, gamma, a)
     else:
         # Critic-free: one number per sequence (multi-turn: per episode), spread over its action tokens.
         seq = batch.rewards.sum(-1) if weights is None else (batch.rewards * weights).sum(-1)
@@ -87,7 +90,7 @@ def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> 
         else:
             per_seq = adv_mod.group_advantages(seq, batch.group, scale=a.scale_rewards)
         batch.advantages = per_seq[:, None] * mask
-        _side_value_targets(batch, mask, gamma)
+        _side_value_targets(batch, mask, gamma, a)
         return
     if not a.whiten_advantages:
         return
@@ -99,11 +102,13 @@ def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> 
         batch.advantages = adv_mod.whiten(batch.advantages, mask)
 
 
-def _side_value_targets(batch: Batch, mask: torch.Tensor, gamma) -> None:
+def _side_value_targets(batch: Batch, mask: torch.Tensor, gamma, a) -> None:
     """A value head beside a critic-free update is trained for planning (mcts, best-of-n
-    by value): regression on the Monte-Carlo return, GAE with λ = 1."""
+    by value): regression on the Monte-Carlo return (GAE with λ = 1), or on the GAE(λ)
+    return with `value_target: gae`."""
     if batch.values is not None:
-        _, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, 1.0)
+        lam = a.lam if a.value_target == "gae" else 1.0
+        _, batch.returns = adv_mod.gae(batch.rewards, batch.values, mask, gamma, lam)
     else:
         batch.returns = batch.advantages.clone()
 
@@ -115,6 +120,29 @@ def assistant_turns(cfg) -> int:
     """Assistant turns an episode can have: 1 for the text env, the dialog's turn count, a
     custom env's max_turns (Dr. GRPO's constant divides by rows × this × max_new_tokens)."""
     return {"text": 1, "dialog": cfg.env.turns}.get(cfg.env.kind, cfg.env.max_turns)
+
+
+def _value_loss(model, values, mb: Batch, algo, a, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    vclip = torch.zeros(())
+    if algo.value_loss == "plain":  # the article's critic loss; the side critic of critic-free algorithms
+        vl = losses.value_loss(values, mb.returns, mask)
+    else:
+        vl, vclip = losses.clipped_value_loss(values, mb.values, mb.returns, mask, a.clip_range_value)
+    if model.value_norm is not None:  # PopArt: the error on the normalised scale, ((R − V)/σ)²
+        vl = vl / model.value_norm.std**2
+    return vl, vclip
+
+
+def critic_loss(model, mb: Batch, cfg, T: int) -> tuple[torch.Tensor, dict]:
+    """The critic's loss alone (algorithm.value_warmup_steps): the policy's trunk is read
+    without gradient, so only the critic moves."""
+    a = cfg.algorithm
+    mask = mb.action_mask
+    values = model.critic_values(mb.input_ids, mb.attention_mask, T, detach_trunk=model.critic_kind == "head")
+    vl, vclip = _value_loss(model, values, mb, get(a.name), a, mask)
+    zero = torch.zeros(())
+    parts = dict(policy_loss=zero, value_loss=vl, value_clipfrac=vclip, entropy=zero, approx_kl=zero, clipfrac=zero, kl_loss=zero)
+    return a.vf_coef * vl, parts
 
 
 def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Tensor, dict]:
@@ -140,10 +168,7 @@ def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Te
     vl = torch.zeros(())
     vclip = torch.zeros(())
     if out.values is not None:
-        if algo.value_loss == "plain":  # the article's critic loss; the side critic of critic-free algorithms
-            vl = losses.value_loss(out.values, mb.returns, mask)
-        else:
-            vl, vclip = losses.clipped_value_loss(out.values, mb.values, mb.returns, mask, a.clip_range_value)
+        vl, vclip = _value_loss(model, out.values, mb, algo, a, mask)
         loss = loss + a.vf_coef * vl
     ent = losses.entropy_bonus(out.entropy, mask)
     if a.ent_coef:

@@ -25,7 +25,7 @@ import torch
 
 from ..config import Config
 from ..data import prompt_text
-from ..distributed import Dist, global_explained_variance, global_masked_mean, rank_seed
+from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
 from ..dyna import Dyna
 from ..envs import EpisodeEnv, make_env
 from ..models.policy import PolicyValueModel
@@ -288,6 +288,9 @@ class Trainer:
         beta = self.kl_ctl.value
         add_token_rewards(batch, cfg, beta)
         add_advantages(batch, cfg, beta, dist)
+        if self.model.value_norm is not None and batch.returns is not None:
+            self._update_value_norm(batch, dist)
+        critic_only = self.step_idx < cfg.algorithm.value_warmup_steps
         t3 = time.perf_counter()
 
         skipped = False
@@ -297,7 +300,7 @@ class Trainer:
                 bad_reward = dist.any(bad_reward)
             if bad_reward:
                 raise NonFiniteError(f"non-finite reward at step {step} (per-token reward with the KL and fluency terms)")
-            stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, step, dist)
+            stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, step, dist, critic_only=critic_only)
         except NonFiniteError:
             if self.skipped_batches >= cfg.train.skip_nonfinite:
                 raise
@@ -345,6 +348,11 @@ class Trainer:
             "time/step": t4 - t0,
         }
         m["reward_calls"] = self.reward_calls
+        if cfg.algorithm.value_warmup_steps:
+            m["value_warmup"] = float(critic_only)  # 1: only the critic moved this step
+        if self.model.value_norm is not None:
+            m["value_norm/mean"] = float(self.model.value_norm.mean)
+            m["value_norm/std"] = float(self.model.value_norm.std)
         if cfg.algorithm.num_generations > 1:  # groups whose completions all scored alike teach a group baseline nothing
             grp = batch.group if dist is None else torch.arange(len(scores)) // cfg.algorithm.num_generations
             m["groups/zero_std_frac"] = zero_std_groups(scores, grp)
@@ -361,6 +369,15 @@ class Trainer:
                 if isinstance(v, float) and not math.isfinite(v) and k != "explained_variance":
                     raise NonFiniteError(f"non-finite {k} at step {self.step_idx}")
         return StepResult(batch, m, rows)
+
+    def _update_value_norm(self, batch: Batch, dist) -> None:
+        """PopArt: move the target statistics to this batch's (every process's) and rescale the head."""
+        mask = batch.action_mask
+        if dist is None:
+            mean, var = adv_mod.masked_mean(batch.returns, mask), adv_mod.masked_var(batch.returns, mask)
+        else:
+            mean, var = global_masked_mean(batch.returns, mask, dist), global_masked_var(batch.returns, mask, dist)
+        self.model.value_norm.update(float(mean), float(var), self.model.value_head)
 
     def _gather(self, batch: Batch, kl_seq: torch.Tensor, info: dict, truncated: int):
         """Every process's per-row values, concatenated in rank order (= the global batch's order)."""

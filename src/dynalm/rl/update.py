@@ -12,7 +12,7 @@ from ..distributed import Dist
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from .batch import Batch
-from .objectives import minibatch_loss
+from .objectives import critic_loss, minibatch_loss
 
 
 class NonFiniteError(UserError):
@@ -122,9 +122,10 @@ def _averaged(sums: dict[str, float], count: int) -> dict:
 
 def update(
     model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int,
-    dist: Dist | None = None,
+    dist: Dist | None = None, critic_only: bool = False,
 ) -> dict:
     """The algorithm's gradient steps on one batch; returns averaged diagnostics.
+    `critic_only` (value warm-up): the same steps on the critic's loss alone.
 
     One loop for one process and for several: a single process is a world of one (`_One`),
     where every collective is the identity, so the two cannot drift apart. With `dist`,
@@ -148,7 +149,7 @@ def update(
         opt.zero_grad(set_to_none=True)
         if len(ids):
             mb = batch.rows(ids.to(dev))
-            loss, parts = minibatch_loss(model, mb, cfg, beta, T)
+            loss, parts = critic_loss(model, mb, cfg, T) if critic_only else minibatch_loss(model, mb, cfg, beta, T)
             n_local = mb.action_mask.sum()
         else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
             loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
@@ -193,10 +194,12 @@ def _clip_and_step(model: PolicyValueModel, opt, cfg: Config, step: int) -> torc
     """Clip the gradients, check them, take the optimizer step; returns the policy's grad norm.
 
     A shared critic is clipped with the policy (one loss, one trunk); a detached side
-    critic on its own, so the policy's update is exactly the critic-free one.
+    critic, or one with a trunk of its own, on its own, so the policy's step does not
+    depend on the critic's gradient.
     """
     a = cfg.algorithm
-    groups = [model.policy_parameters(), model.value_parameters()] if model.value_detached else [
+    apart = model.value_detached or getattr(model, "critic_kind", "head") != "head"  # no shared trunk
+    groups = [model.policy_parameters(), model.value_parameters()] if apart else [
         [p for g in opt.param_groups for p in g["params"]]
     ]
     norms = []

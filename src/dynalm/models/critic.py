@@ -1,0 +1,134 @@
+"""The critic V(s): where its features come from, and the scale its head predicts on.
+
+Three places for the trunk that feeds the linear value head (`model.critic`):
+
+* `head` — the policy's own last hidden layer (the article's form, section 3.3): no
+  extra forward pass, but the critic can only read what the policy computes;
+* `adapter` — a second LoRA adapter (named `critic`) on the policy's frozen base: one copy
+  of the base weights in memory, its own features, and a forward pass of its own;
+* `model` — a separate causal LM (any `--model` form, or a `dynalm train-rm` reward model
+  via `model.critic_init`, as PPO-MCTS and OpenRLHF start their critics), LoRA-tuned when
+  `model.lora.enabled`.
+
+PopArt value normalisation (van Hasselt et al. 2016; `algorithm.value_norm`): the head
+predicts (V − μ)/σ, with μ and σ running statistics of the value targets; every time they
+move, the head's weights are rescaled so that V itself does not, and the value loss is
+measured on the normalised scale so its size does not follow the reward's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+CRITIC_ADAPTER = "critic"  # the name of the critic's LoRA adapter beside peft's "default"
+
+
+def tuner_layers(lm: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_critic_adapter(lm: nn.Module, lora_cfg) -> list[str]:
+    """Add the `critic` LoRA adapter to a peft model (inactive: the policy's stays active).
+    Returns the names of its parameters, which are made trainable."""
+    import copy as _copy
+
+    lcfg = _copy.deepcopy(lm.peft_config["default"])
+    lcfg.r, lcfg.lora_alpha = lora_cfg.r, lora_cfg.alpha
+    lm.add_adapter(CRITIC_ADAPTER, lcfg)
+    names = [n for n, _ in lm.named_parameters() if f".{CRITIC_ADAPTER}." in n]
+    for n, p in lm.named_parameters():
+        if f".{CRITIC_ADAPTER}." in n:
+            p.requires_grad_(True)
+    return names
+
+
+@contextlib.contextmanager
+def adapter_active(lm: nn.Module, name: str, params: list[nn.Parameter]):
+    """Run `lm` with adapter `name` instead of the policy's, without peft's `set_adapter`
+    (which flips requires_grad on every adapter). `params` (the adapter's weights) are made
+    trainable for the pass: peft's `disable_adapter` (the reference pass) clears them."""
+    layers = tuner_layers(lm)
+    before = [m._active_adapter for m in layers]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for m in layers:
+            m._active_adapter = [name]
+        yield lm
+    finally:
+        for m, a in zip(layers, before):
+            m._active_adapter = a
+
+
+def build_critic_lm(mcfg) -> tuple[nn.Module, nn.Linear | None, object]:
+    """The trunk of `model.critic: model`: a train-rm reward model (its LoRA and its head)
+    when `critic_init` is set, else `critic_model` (null = the policy's model), with a LoRA
+    adapter when `model.lora.enabled`. Returns (lm, head or None, tokenizer)."""
+    from .loading import load_causal_lm
+    from .policy import disable_dropout, lora_targets
+
+    if mcfg.critic_init:
+        from ..rewards.learned import load_reward_model
+
+        rm = load_reward_model(mcfg.critic_init, device="cpu")  # what train-rm trained stays trainable
+        return rm.lm, rm.head, rm.tokenizer
+    lm, tok = load_causal_lm(mcfg.critic_model or mcfg.name, dtype=torch.float32)
+    lm.config.use_cache = False
+    disable_dropout(lm)
+    if mcfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(
+            r=mcfg.lora.r, lora_alpha=mcfg.lora.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            target_modules=lora_targets(lm.config.model_type, mcfg.lora.target_modules),
+        ))
+    return lm, None, tok
+
+
+def same_vocabulary(a, b) -> bool:
+    """The critic reads the policy's token ids: both tokenizers must map text to the same ids."""
+    return a.get_vocab() == b.get_vocab()
+
+
+class ValueNorm(nn.Module):
+    """PopArt: running mean μ and variance σ² of the value targets (an exponential average
+    over steps), V = σ·v̂ + μ, and the head's rescaling that keeps V fixed when μ, σ move."""
+
+    def __init__(self, decay: float = 0.9, eps: float = 1e-4):
+        super().__init__()
+        self.decay, self.eps = decay, eps
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("var", torch.ones(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.clamp(min=self.eps).sqrt()
+
+    def forward(self, normalised: torch.Tensor) -> torch.Tensor:
+        return normalised * self.std + self.mean
+
+    @torch.no_grad()
+    def update(self, batch_mean: float, batch_var: float, head: nn.Linear) -> None:
+        """Move μ, σ² towards one batch's target mean and variance (the first batch sets them)
+        and rescale `head` so that every V(s) is unchanged (PopArt's 'preserving outputs')."""
+        old_mu, old_sigma = self.mean.clone(), self.std.clone()
+        if int(self.steps) == 0:
+            mu, var = torch.tensor(float(batch_mean)), torch.tensor(float(batch_var))
+        else:
+            d = self.decay
+            mu = d * self.mean + (1 - d) * batch_mean
+            # the second moment is averaged, so the variance includes the mean's motion
+            second = d * (self.var + self.mean**2) + (1 - d) * (batch_var + batch_mean**2)
+            var = second - mu**2
+        self.mean.copy_(mu)
+        self.var.copy_(torch.as_tensor(var).clamp(min=0.0))
+        self.steps += 1
+        sigma = self.std
+        head.weight.mul_(old_sigma / sigma)
+        head.bias.copy_((old_sigma * head.bias + old_mu - self.mean) / sigma)
