@@ -8,7 +8,9 @@ generated position (n candidates in one batch vs `simulations` single-token forw
 Default variants: sample, best-of-n, mcts (the run's own planner settings) and mcts-reward
 (planner.leaf=reward: leaves scored by the run's reward on the partial text). `--variant`
 replaces them, e.g. `--variant mcts-t1=mcts,temperature=1`. `--prompts 0` uses the whole
-eval split. Writes benchmarks/results/NAME.json (default planners.json); the README quotes it.
+eval split. `--equal-time VARIANT` adds the time-budget view: best-of-n again, with the n
+whose measured cost per sample matches VARIANT's (n scaled by the ratio of the two times),
+so the two are compared at equal wall time per sample. Writes benchmarks/results/NAME.json (default planners.json); the README quotes it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=None)
     ap.add_argument("--append", action="store_true", help="add these variants to the rows of the existing result file")
     ap.add_argument("--name", default="planners", help="result file: benchmarks/results/NAME.json")
+    ap.add_argument("--equal-time", default=None, metavar="VARIANT",
+                    help="add best-of-n with the n that costs what VARIANT costs per sample (needs a best-of-n variant)")
     ap.add_argument("--reuse", action="store_true",
                     help="read RUN/bench-VARIANT.json where it exists instead of evaluating again (same command earlier)")
     a = ap.parse_args()
@@ -53,11 +57,16 @@ def main() -> None:
     elif a.reuse and (RESULTS / f"{a.name}.json").is_file():  # the commands that measured the reused files come first
         old = json.loads((RESULTS / f"{a.name}.json").read_text())
         commands = old.get("commands", [old["command"]]) + commands
-    for spec in a.variant or DEFAULT:
+    specs = list(a.variant or DEFAULT)
+    i = 0
+    while i < len(specs):
+        spec = specs[i]
+        i += 1
         name, planner, sets = parse_variant(spec)
+        n_cand = next((int(x.split("=")[1]) for x in sets if x.startswith("planner.n=")), a.simulations)
         out = run / f"bench-{name}.json"
         cmd = [sys.executable, "-m", "dynalm", "eval", "--run", str(run), "--planner", planner, "--out", str(out),
-               "--set", f"eval.max_prompts={a.prompts or 'null'}", "--set", f"planner.n={a.simulations}",
+               "--set", f"eval.max_prompts={a.prompts or 'null'}", "--set", f"planner.n={n_cand}",
                "--set", f"planner.simulations={a.simulations}"]
         for s in sets:
             cmd += ["--set", s]
@@ -68,11 +77,19 @@ def main() -> None:
         # --reuse trusts that the file came from this command; it checks what the file records
         if ev["planner"] != planner or (a.prompts and full["n_prompts"] != a.prompts):
             sys.exit(f"{out} holds another planner or prompt count: run without --reuse")
-        rows.append({"variant": name, "settings": sets,
+        rows.append({"variant": name, "settings": sets, "n": n_cand if planner == "best-of-n" else None,
                      **{k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "seconds_per_sample", "forward_calls")},
                      **{k: ev[k] for k in ev if k.startswith("reward/")},
                      "sample_rewards": [x["reward"] for x in ev["samples"]]})
         print({k: v for k, v in rows[-1].items() if k != "sample_rewards"}, flush=True)
+        if a.equal_time and i == len(specs) and not any(r["variant"].endswith("@equal-time") for r in rows):
+            target = next((r for r in rows if r["variant"] == a.equal_time), None)
+            bon = next((r for r in rows if r["planner"] == "best-of-n" and not r["settings"]), None)
+            if target is None or bon is None:
+                sys.exit(f"--equal-time {a.equal_time}: needs that variant and a plain best-of-n variant among the rows")
+            # best-of-n's cost grows about linearly in n (one batch of n candidates)
+            n_eq = max(1, round(a.simulations * target["seconds_per_sample"] / bon["seconds_per_sample"]))
+            specs.append(f"best-of-n@equal-time=best-of-n,n={n_eq}")
     base = next((r for r in rows if r["planner"] == "sample"), rows[0])
     for r in rows:
         r["reward_gain_vs_sample"] = r["reward"] - base["reward"]

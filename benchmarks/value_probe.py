@@ -1,16 +1,20 @@
-"""How well can a value head on the last hidden layer predict the story reward?
+"""How well does a run's critic V(s) predict the reward, state by state?
 
-    python benchmarks/value_probe.py [--run runs/demo] [--per-prompt 4]
+    python benchmarks/value_probe.py --run RUN [--prompts FILE | --split eval|train]
+                                     [--per-prompt 4] [--max-prompts N] [--name NAME]
 
-Samples `--per-prompt` completions for every training opening from the run's policy, scores
-them with the run's reward, and reads the last hidden layer at every state of every
-completion (s_0 = the prompt, ..., s_T = the finished text): the states the value head
-V(s) = w·h + b sees. Reports, on these on-policy rollouts, the R² of the run's own value
-head and of the best linear head one could fit (ridge, the L2 strength picked by 5-fold
-cross-validation over openings, so a fold never sees its openings' rollouts), overall and
-by depth. R² near 0 means a linear head on these features cannot tell a good prefix from
-a bad one better than the mean reward does — the reason configs/story.yaml scores mcts
-leaves by rollouts. Writes benchmarks/results/value_probe.json.
+Samples `--per-prompt` completions for each prompt from the run's policy — by default the
+run's held-out eval prompts (`--split train` for the training ones, `--prompts FILE` for
+any JSONL / CSV file of rows or a text file with one prompt a line) — scores them with the
+run's reward, and reads the critic at every state of every completion (s_0 = the prompt,
+…, s_n = the finished text), whatever the run's critic is (`model.critic: head | adapter |
+model`). Reports on these on-policy rollouts the R² of the run's own critic against the
+completion's score (the quantity a planner ranks by), and of the best linear read-out of
+the features the critic reads (ridge, L2 strength by 5-fold cross-validation over prompts,
+so a fold never sees its prompts' rollouts), by depth: the prompt; 1–4, 5–14, 15–29, 30+
+completion tokens (unfinished); the finished text; and every state after ≥ 15 tokens.
+R² ≤ 0 means the critic tells a good state from a bad one no better than the mean reward.
+Writes benchmarks/results/NAME.json (default value_probe-<run folder name>).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result  # noqa: E402
 
-DEPTHS = [(0, 1), (1, 5), (5, 15), (15, 30), (30, 10**6)]
 LAMBDAS = [1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
 
 
@@ -36,31 +39,61 @@ def ridge(X: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, t
     return w, ym - mu @ w
 
 
-def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float(1 - ((pred - y) ** 2).mean() / y.var(unbiased=False))
+def r2(pred: torch.Tensor, y: torch.Tensor) -> float | None:
+    var = y.var(unbiased=False)
+    return float(1 - ((pred - y) ** 2).mean() / var) if len(y) > 1 and var > 0 else None
+
+
+def read_prompt_rows(path: str, field: str) -> list[dict]:
+    """JSONL or CSV rows (dynalm's readers), or a plain text file with one prompt a line."""
+    from dynalm.data import read_rows
+
+    if Path(path).suffix.lower() in (".jsonl", ".json", ".csv"):
+        return read_rows(path, field)
+    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [{field: s} for s in lines if s]
+
+
+def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """State groups: by completion tokens read (unfinished), the finished text, and ≥ 15 tokens."""
+    unfinished = d < n
+    out = {"prompt": d == 0}
+    for lo, hi in ((1, 5), (5, 15), (15, 30), (30, 10**6)):
+        out[f"{lo}-{hi - 1}" if hi < 10**6 else f"{lo}+"] = unfinished & (d >= lo) & (d < hi)
+    out["finished"] = d == n
+    out["15+ (all)"] = d >= 15
+    return out
 
 
 @torch.no_grad()
 def main() -> None:
     from dynalm.envs import make_env
-    from dynalm.models.policy import position_ids_from_mask
     from dynalm.models.generation import decode_completions, encode_prompts, sample
-    from dynalm.run import load_run, set_threads, train_rows
+    from dynalm.run import eval_rows, load_run, set_threads, train_rows
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--prompts", default=None, help="JSONL/CSV rows or a text file with one prompt a line")
+    ap.add_argument("--split", choices=["eval", "train"], default="eval")
+    ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--name", default=None)
     a = ap.parse_args()
     cfg, model = load_run(a.run)
     if model.value_head is None:
-        sys.exit(f"{a.run} has no value head")
+        sys.exit(f"{a.run} has no critic (train it with model.value_head: true, or with a2c/ppo)")
     set_threads(cfg)
     env = make_env(cfg, model)
-    prompts = train_rows(cfg)
+    if a.prompts:
+        prompts, source = read_prompt_rows(a.prompts, cfg.data.prompt_field), a.prompts
+    else:
+        prompts = (eval_rows(cfg) if a.split == "eval" else None) or train_rows(cfg)
+        source = a.split if a.split == "train" or eval_rows(cfg) else "train (the run has no eval split)"
+    prompts = prompts[: a.max_prompts] if a.max_prompts else prompts
     rows = [(i, r) for i, r in enumerate(prompts) for _ in range(a.per_prompt)]
     gen = torch.Generator(device=model.device).manual_seed(0)
-    feats, targets, groups, depths, own = [], [], [], [], []
+    feats, targets, groups, depths, lengths, own = [], [], [], [], [], []
     t0 = time.perf_counter()
     for s in range(0, len(rows), a.batch):
         chunk = rows[s : s + a.batch]
@@ -69,20 +102,20 @@ def main() -> None:
         ids, attn, amask, _, _, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False)
         comps = decode_completions(model.tokenizer, ids, amask, ended)
         _, scored, _ = env.step([r for _, r in chunk], comps, ended.tolist())
-        out = model.lm(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                       output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        h, P = out.hidden_states[-1].float(), p_ids.shape[1]
+        h = model.critic_hidden(ids, attn)  # the features the critic's head reads
+        v = model.state_values(ids, attn)
+        P = p_ids.shape[1]
         for j, (gi, _) in enumerate(chunk):
             n = int(amask[j].sum())
-            hs = h[j, P - 1 : P + n]  # states s_0 .. s_n (left-padded prompts end at P-1)
-            feats.append(hs.double())
-            own.append(model.value_head(hs).squeeze(-1).double())
+            feats.append(h[j, P - 1 : P + n].double())  # states s_0 .. s_n (left-padded prompts end at P-1)
+            own.append(v[j, P - 1 : P + n].double())
             targets += [scored.scores[j]] * (n + 1)
             groups += [gi] * (n + 1)
             depths += list(range(n + 1))
+            lengths += [n] * (n + 1)
         print(f"{s + len(chunk)}/{len(rows)} rollouts, {time.perf_counter() - t0:.0f} s", flush=True)
     X, y, own_v = torch.cat(feats), torch.tensor(targets, dtype=torch.float64), torch.cat(own)
-    g, d = torch.tensor(groups), torch.tensor(depths)
+    g, d, n = torch.tensor(groups), torch.tensor(depths), torch.tensor(lengths)
     folds = g % 5
     cv = {}
     for lam in LAMBDAS:
@@ -92,26 +125,31 @@ def main() -> None:
             w, b = ridge(X[tr], y[tr], lam)
             pred[~tr] = X[~tr] @ w + b
         cv[lam] = pred
-    best = max(LAMBDAS, key=lambda lam: r2(cv[lam], y))
+    best = max(LAMBDAS, key=lambda lam: r2(cv[lam], y) or -1e9)
     pred = cv[best]
-    by_depth = []
-    for lo, hi in DEPTHS:
-        m = (d >= lo) & (d < hi)
-        by_depth.append({"depths": f"{lo}..{min(hi, int(d.max()) + 1) - 1}", "states": int(m.sum()),
-                         "r2_run_head": r2(own_v[m], y[m]), "r2_ridge_cv": r2(pred[m], y[m])})
+    by_depth = [
+        {"depths": k, "states": int(m.sum()), "r2_critic": r2(own_v[m], y[m]), "r2_ridge_cv": r2(pred[m], y[m])}
+        for k, m in depth_masks(d, n).items() if m.any()
+    ]
     res = {
         "command": "python benchmarks/value_probe.py " + " ".join(sys.argv[1:]),
-        "machine": machine(), "run": a.run, "rollouts": len(rows), "states": int(y.numel()),
+        "machine": machine(), "run": a.run, "critic": model.critic_kind, "value_norm": model.value_norm is not None,
+        "prompts": source, "n_prompts": len(prompts), "rollouts": len(rows), "states": int(y.numel()),
         "reward_mean": float(y.mean()), "reward_std_over_states": float(y.std()),
-        "r2_run_head": r2(own_v, y), "r2_ridge_cv": r2(pred, y), "ridge_lambda": best,
+        "r2_critic": r2(own_v, y), "r2_ridge_cv": r2(pred, y), "ridge_lambda": best,
         "r2_ridge_cv_by_lambda": {str(k): r2(v, y) for k, v in cv.items()}, "by_depth": by_depth,
         "seconds": time.perf_counter() - t0,
     }
-    write_result("value_probe", res)
-    print(f"R² on {len(rows)} on-policy rollouts ({res['states']} states): run's value head {res['r2_run_head']:.3f}, "
-          f"best ridge head (5-fold CV over openings, λ={best:g}) {res['r2_ridge_cv']:.3f}")
+    write_result(a.name or f"value_probe-{Path(a.run).name}", res)
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    print(f"R² on {len(rows)} rollouts of {len(prompts)} {source} prompts ({res['states']} states), critic "
+          f"'{model.critic_kind}': {f(res['r2_critic'])}; best ridge read-out (5-fold CV over prompts, λ={best:g}) "
+          f"{f(res['r2_ridge_cv'])}")
     for row in by_depth:
-        print(f"  depth {row['depths']}: run's head {row['r2_run_head']:.3f}, ridge {row['r2_ridge_cv']:.3f}")
+        print(f"  {row['depths']:>10}: critic {f(row['r2_critic'])}, ridge {f(row['r2_ridge_cv'])}  ({row['states']} states)")
 
 
 if __name__ == "__main__":
