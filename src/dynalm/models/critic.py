@@ -23,6 +23,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .loading import disable_dropout, load_causal_lm, lora_targets
+
 CRITIC_ADAPTER = "critic"  # the name of the critic's LoRA adapter beside peft's "default"
 
 
@@ -69,25 +71,60 @@ def build_critic_lm(mcfg) -> tuple[nn.Module, nn.Linear | None, object]:
     """The trunk of `model.critic: model`: a train-rm reward model (its LoRA and its head)
     when `critic_init` is set, else `critic_model` (null = the policy's model), with a LoRA
     adapter when `model.lora.enabled`. Returns (lm, head or None, tokenizer)."""
-    from .loading import load_causal_lm
-    from .policy import disable_dropout, lora_targets
-
     if mcfg.critic_init:
-        from ..rewards.learned import load_reward_model
-
-        rm = load_reward_model(mcfg.critic_init, device="cpu")  # what train-rm trained stays trainable
-        return rm.lm, rm.head, rm.tokenizer
+        return _reward_model_trunk(mcfg.critic_init)
     lm, tok = load_causal_lm(mcfg.critic_model or mcfg.name, dtype=torch.float32)
+    return _trunk(lm, mcfg.lora.enabled, mcfg.lora.r, mcfg.lora.alpha, mcfg.lora.target_modules), None, tok
+
+
+def _trunk(lm: nn.Module, lora: bool, r: int, alpha: float, targets) -> nn.Module:
     lm.config.use_cache = False
     disable_dropout(lm)
-    if mcfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+    if not lora:
+        return lm
+    from peft import LoraConfig, get_peft_model
 
-        lm = get_peft_model(lm, LoraConfig(
-            r=mcfg.lora.r, lora_alpha=mcfg.lora.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-            target_modules=lora_targets(lm.config.model_type, mcfg.lora.target_modules),
-        ))
-    return lm, None, tok
+    return get_peft_model(lm, LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=lora_targets(lm.config.model_type, targets),
+    ))
+
+
+def _reward_model_trunk(folder: str) -> tuple[nn.Module, nn.Linear, object]:
+    """A `dynalm train-rm` folder read as a critic: its trunk (with the adapter it trained)
+    and its head, so V(finished text) starts at the reward model's score. The folder's
+    format is train-rm's (reward_model.json + reward_model.safetensors, checked against its
+    manifest); it is read here, not through rewards/, which builds on models/."""
+    import json
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..integrity import DamagedFile, check_folder, load_safetensors
+
+    d = Path(folder).expanduser()
+    meta_p, weights_p = d / "reward_model.json", d / "reward_model.safetensors"
+    if not meta_p.is_file() or not weights_p.is_file():
+        raise UserError(f"model.critic_init '{folder}' is not a saved reward model (needs {meta_p.name} and "
+                        f"{weights_p.name})", "give the output folder of `dynalm train-rm`")
+    fix = "retrain it with `dynalm train-rm`, or restore the folder from a copy"
+    check_folder(d, "reward model", fix)
+    try:
+        rm = json.loads(meta_p.read_text(encoding="utf-8"))["config"]
+        state = load_safetensors(weights_p)
+    except DamagedFile as exc:
+        raise UserError(f"reward model '{d}' is damaged: {exc.reason}", fix) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{meta_p}: not a valid reward model description ({type(exc).__name__})", fix) from None
+    lm, tok = load_causal_lm(rm["model"], dtype=torch.float32)
+    lm = _trunk(lm, rm["lora"], rm["lora_r"], rm["lora_alpha"], None)
+    head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
+    head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
+    trunk = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
+    missing = sorted({n for n, p in lm.named_parameters() if p.requires_grad} - set(trunk))
+    if missing:
+        raise UserError(f"reward model '{d}' does not fit its own trunk (lacks {missing[0]})", fix)
+    lm.load_state_dict(trunk, strict=False)
+    return lm, head, tok
 
 
 def same_vocabulary(a, b) -> bool:

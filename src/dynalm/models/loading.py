@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from ..integrity import check_folder
@@ -133,3 +134,30 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
         # Padding is always tracked by the attention mask, so any id will do here.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return model, tok
+
+
+# LoRA targets per architecture: the attention projections (as TRL's examples do).
+_ATTN_TARGETS = {
+    "gpt2": ["c_attn", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "bloom": ["query_key_value", "dense"],
+    "falcon": ["query_key_value", "dense"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+}
+_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_targets(model_type: str, configured) -> list[str] | str:
+    if configured:
+        return configured
+    return _ATTN_TARGETS.get(model_type, _DEFAULT_TARGETS)
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """RL needs the update's log-probs to match the rollout's: dropout would add noise to
+    the PPO ratio and bias the KL (TRL does the same)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0

@@ -19,26 +19,7 @@ from torch import nn
 from ..config import Config, ModelConfig
 from ..errors import UserError
 from .critic import CRITIC_ADAPTER, ValueNorm, adapter_active, add_critic_adapter, build_critic_lm, same_vocabulary
-from .loading import load_causal_lm
-
-# LoRA targets per architecture: the attention projections (as TRL's examples do).
-_ATTN_TARGETS = {
-    "gpt2": ["c_attn", "c_proj"],
-    "gpt_neox": ["query_key_value", "dense"],
-    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "bloom": ["query_key_value", "dense"],
-    "falcon": ["query_key_value", "dense"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
-}
-_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def lora_targets(model_type: str, configured) -> list[str] | str:
-    if configured:
-        return configured
-    return _ATTN_TARGETS.get(model_type, _DEFAULT_TARGETS)
-
+from .loading import disable_dropout, load_causal_lm, lora_targets  # noqa: F401 (re-exported)
 
 @dataclass
 class ForwardOut:
@@ -51,14 +32,6 @@ class ForwardOut:
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """RL needs the update's log-probs to match the rollout's: dropout would add noise to
-    the PPO ratio and bias the KL (TRL does the same)."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
 
 
 def pick_device(setting: str) -> torch.device:
