@@ -88,8 +88,9 @@ def main() -> None:
     if a.prompts:
         prompts, source = read_prompt_rows(a.prompts, cfg.data.prompt_field), a.prompts
     else:
-        prompts = (eval_rows(cfg) if a.split == "eval" else None) or train_rows(cfg)
-        source = a.split if a.split == "train" or eval_rows(cfg) else "train (the run has no eval split)"
+        held_out = eval_rows(cfg) if a.split == "eval" else None
+        prompts = held_out or train_rows(cfg)
+        source = a.split if a.split == "train" or held_out else "train (the run has no eval split)"
     prompts = prompts[: a.max_prompts] if a.max_prompts else prompts
     rows = [(i, r) for i, r in enumerate(prompts) for _ in range(a.per_prompt)]
     gen = torch.Generator(device=model.device).manual_seed(0)

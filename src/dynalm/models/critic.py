@@ -34,19 +34,17 @@ def tuner_layers(lm: nn.Module):
     return [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def add_critic_adapter(lm: nn.Module, lora_cfg) -> list[str]:
-    """Add the `critic` LoRA adapter to a peft model (inactive: the policy's stays active).
-    Returns the names of its parameters, which are made trainable."""
+def add_critic_adapter(lm: nn.Module, lora_cfg) -> None:
+    """Add the `critic` LoRA adapter to a peft model (inactive: the policy's stays active),
+    its parameters trainable."""
     import copy as _copy
 
     lcfg = _copy.deepcopy(lm.peft_config["default"])
     lcfg.r, lcfg.lora_alpha = lora_cfg.r, lora_cfg.alpha
     lm.add_adapter(CRITIC_ADAPTER, lcfg)
-    names = [n for n, _ in lm.named_parameters() if f".{CRITIC_ADAPTER}." in n]
     for n, p in lm.named_parameters():
         if f".{CRITIC_ADAPTER}." in n:
             p.requires_grad_(True)
-    return names
 
 
 @contextlib.contextmanager
@@ -92,29 +90,13 @@ def _trunk(lm: nn.Module, lora: bool, r: int, alpha: float, targets) -> nn.Modul
 
 def _reward_model_trunk(folder: str) -> tuple[nn.Module, nn.Linear, object]:
     """A `dynalm train-rm` folder read as a critic: its trunk (with the adapter it trained)
-    and its head, so V(finished text) starts at the reward model's score. The folder's
-    format is train-rm's (reward_model.json + reward_model.safetensors, checked against its
-    manifest); it is read here, not through rewards/, which builds on models/."""
-    import json
-    from pathlib import Path
-
+    and its head, so V(finished text) starts at the reward model's score (the folder read
+    by models/rm_folder.py, as rewards/learned.py reads it)."""
     from ..errors import UserError
-    from ..integrity import DamagedFile, check_folder, load_safetensors
+    from .rm_folder import FIX, read_meta, read_weights
 
-    d = Path(folder).expanduser()
-    meta_p, weights_p = d / "reward_model.json", d / "reward_model.safetensors"
-    if not meta_p.is_file() or not weights_p.is_file():
-        raise UserError(f"model.critic_init '{folder}' is not a saved reward model (needs {meta_p.name} and "
-                        f"{weights_p.name})", "give the output folder of `dynalm train-rm`")
-    fix = "retrain it with `dynalm train-rm`, or restore the folder from a copy"
-    check_folder(d, "reward model", fix)
-    try:
-        rm = json.loads(meta_p.read_text(encoding="utf-8"))["config"]
-        state = load_safetensors(weights_p)
-    except DamagedFile as exc:
-        raise UserError(f"reward model '{d}' is damaged: {exc.reason}", fix) from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{meta_p}: not a valid reward model description ({type(exc).__name__})", fix) from None
+    d, meta = read_meta(folder)
+    rm, state = meta["config"], read_weights(d)
     lm, tok = load_causal_lm(rm["model"], dtype=torch.float32)
     lm = _trunk(lm, rm["lora"], rm["lora_r"], rm["lora_alpha"], None)
     head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
@@ -122,7 +104,7 @@ def _reward_model_trunk(folder: str) -> tuple[nn.Module, nn.Linear, object]:
     trunk = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
     missing = sorted({n for n, p in lm.named_parameters() if p.requires_grad} - set(trunk))
     if missing:
-        raise UserError(f"reward model '{d}' does not fit its own trunk (lacks {missing[0]})", fix)
+        raise UserError(f"reward model '{d}' does not fit its own trunk (lacks {missing[0]})", FIX)
     lm.load_state_dict(trunk, strict=False)
     return lm, head, tok
 

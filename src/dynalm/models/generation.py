@@ -167,8 +167,7 @@ def sample(
             values[:, :n_done] = model.critic_values(ids[:, :keep], attn[:, :keep], n_done) * action_mask[:, :n_done]
     finally:
         model.train(was_training)
-    # trim columns no row used
-    keep = P + n_done
+    # trim columns no row used (keep = P + n_done)
     return (
         ids[:, :keep],
         attn[:, :keep],

@@ -35,10 +35,9 @@ from torch import nn
 from ..checkpoint import fsync_path
 from ..data import jsonl_objects, read_text
 from ..errors import UserError
-from ..integrity import MANIFEST, DamagedFile, check_folder, load_safetensors, write_manifest
-
-WEIGHTS_FILE = "reward_model.safetensors"
-META_FILE = "reward_model.json"
+from ..integrity import MANIFEST, write_manifest
+from ..models import rm_folder
+from ..models.rm_folder import META_FILE, WEIGHTS_FILE
 FORMAT_VERSION = 1
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -555,35 +554,15 @@ def _fmt(m: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- loading and use
-def _model_dir(path: Path | str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_file() and p.name in (WEIGHTS_FILE, META_FILE):
-        p = p.parent
-    return p
-
-
 def load_reward_model(path: Path | str, device: torch.device | str | None = None) -> RewardModel:
     """Rebuild a saved reward model from its folder (or either of its two files)."""
-    d = _model_dir(path)
-    meta_p, weights_p = d / META_FILE, d / WEIGHTS_FILE
-    if not meta_p.is_file() or not weights_p.is_file():
-        raise UserError(
-            f"'{path}' is not a saved reward model (needs {META_FILE} and {WEIGHTS_FILE})",
-            "train one with `dynalm train-rm` and give its output folder",
-        )
-    fix = "retrain it with `dynalm train-rm`, or restore the folder from a copy"
-    check_folder(d, "reward model", fix)
+    d, meta = rm_folder.read_meta(path)
     try:
-        meta = json.loads(meta_p.read_text(encoding="utf-8"))
         cfg = RewardModelConfig.model_validate(meta["config"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{meta_p}: not a valid reward model description ({type(exc).__name__})", "retrain the reward model") from None
+        raise UserError(f"{d / META_FILE}: not a valid reward model description ({type(exc).__name__})", "retrain the reward model") from None
     model = RewardModel.build(cfg, device=device)
-    try:
-        weights = load_safetensors(weights_p)
-    except DamagedFile as exc:
-        raise UserError(f"reward model '{d}' is damaged: {exc.reason}", fix) from None
-    model.load_trainable_state_dict(weights)
+    model.load_trainable_state_dict(rm_folder.read_weights(d))
     model.eval()
     return model
 
@@ -599,7 +578,7 @@ def learned_reward(path: Path | str) -> Callable[..., list[float]]:
 
     The model is loaded now (so a bad path fails early) and cached per path.
     """
-    d = _model_dir(path).resolve()
+    d = rm_folder.model_dir(path).resolve()
     weights = d / WEIGHTS_FILE
     stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
     model = _cached_model(str(d), stamp) if stamp else load_reward_model(path)
