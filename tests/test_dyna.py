@@ -254,7 +254,7 @@ def test_dyna_with_an_lm_reward_model(tiny_llama, prompts_file, tmp_path):
 def test_dyna_refuses_dialog():
     from dynalm.errors import UserError
 
-    with pytest.raises(UserError, match="dyna works with single-turn tasks"):
+    with pytest.raises(UserError, match="dyna learns the reward of single-turn tasks .* set dyna.env_model"):
         build_config({"env": {"kind": "dialog"}, "dyna": {"enabled": True}})
 
 

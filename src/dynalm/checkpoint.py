@@ -72,6 +72,39 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def publish_folder(out_dir: Path | str, files: dict, kind: str) -> Path:
+    """Write a small model folder atomically: `files` (name → a function that writes that
+    file at the path it is given) go to a temporary folder beside `out_dir`, are flushed and
+    listed in a manifest, and the folder is renamed into place; into an existing `out_dir`
+    each file is renamed, in the given order, the manifest last. A failure leaves
+    `out_dir` as it was."""
+    import tempfile
+
+    from .integrity import MANIFEST
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+            fsync_path(tmp / name)
+        write_manifest(tmp, kind=kind)
+        fsync_path(tmp)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:
+            for name in [*files, MANIFEST]:
+                os.replace(tmp / name, out_dir / name)
+            fsync_path(out_dir)
+            tmp.rmdir()
+        fsync_path(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def save_checkpoint(
     ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int, meta: dict | None = None
 ) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UserError
 
 
-PLANNERS = ["sample", "greedy", "best-of-n", "mcts"]
+PLANNERS = ["sample", "greedy", "best-of-n", "mcts", "lookahead"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="run directory (base vs trained; writes RUN_DIR/eval.json)")
     src.add_argument("--model", help="evaluate a model as is")
     e.add_argument("--out", help="write the JSON result here too")
-    e.add_argument("--planner", choices=PLANNERS, help="decoder for the trained policy (base always samples)")
+    e.add_argument("--planner", choices=PLANNERS, help="decoder for the trained policy (base always samples); lookahead: multi-turn envs, needs planner.env_model")
     _add_config_args(e)
 
     r = sub.add_parser("train-rm", help="train a reward model from JSONL (regression rows or preference pairs)")
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", "-o", required=True, help="folder for reward_model.safetensors + reward_model.json")
     r.add_argument("--model", help="trunk LM (default: the embedded smollm2-135m-instruct)")
     r.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a reward-model setting")
+
+    em = sub.add_parser("train-env-model", help="learn the environment: an LM trained on a run's transitions.jsonl")
+    em.add_argument("--data", "-d", required=True, help="RUN/transitions.jsonl (written with env.record_transitions: true) or RUN")
+    em.add_argument("--out", "-o", required=True, help="folder for env_model.safetensors + env_model.json")
+    em.add_argument("--model", help="base LM (default: the embedded smollm2-135m-instruct)")
+    em.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override an environment-model setting")
 
     c = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(c)
@@ -235,6 +241,29 @@ def cmd_train_rm(args) -> int:
     return 0
 
 
+def cmd_train_env_model(args) -> int:
+    from pydantic import ValidationError
+
+    from .config import _format_validation_error, parse_set
+    from .envmodel import EnvModelConfig, train_env_model
+
+    if Path(args.out).is_file():
+        raise UserError(f"--out '{args.out}' is a file", "give a folder for the environment model")
+    raw = {"data": args.data, **parse_set(args.set)}
+    if args.model:
+        raw["model"] = args.model
+    try:
+        cfg = EnvModelConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err, EnvModelConfig) from None
+    m = train_env_model(cfg, Path(args.out), echo=lambda s: print(s, flush=True))
+    b, t = m["prompted_base"], m["trained"]
+    if t["nll_per_token"] is not None:
+        print(f"held-out next-observation NLL: {b['nll_per_token']:.4f}/token prompted → {t['nll_per_token']:.4f}/token trained")
+    print(f"environment model: {args.out} (use it as an environment: --set env.kind=model --set env.path={args.out})")
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config import dump_config, load_config
 
@@ -298,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             err = UserError(f"only `dynalm train` runs data-parallel, not `dynalm {args.cmd}`", "run it without accelerate launch")
             err.all_ranks = True
             raise err
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "config": cmd_config,
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "train-env-model": cmd_train_env_model,
+                "config": cmd_config,
                 "runs": cmd_runs}[args.cmd](args)
     except UserError as err:
         if not (getattr(err, "all_ranks", False) and _other_rank()):

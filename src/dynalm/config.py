@@ -132,19 +132,21 @@ class EnvConfig(_Section):
         0.0,
         description="α: per-token reward α·log P_env(a_t|s_t) from the frozen environment LM (the reference policy); 0 = off.",
     )
-    kind: Literal["text", "dialog", "custom"] = Field(
+    kind: Literal["text", "dialog", "custom", "model"] = Field(
         "text",
         description="Environment: single-turn text completion, a multi-turn dialog with a simulated user (envs/dialog.py), "
-        "or `custom`: your own gymnasium-style text environment from `env.factory` (envs/custom.py).",
+        "`custom`: your own gymnasium-style text environment from `env.factory` (envs/custom.py), or `model`: an "
+        "environment model trained by `dynalm train-env-model`, from `env.path` (envs/model.py).",
     )
+    path: str | None = Field(None, description="model: the folder `dynalm train-env-model` wrote.")
     factory: str | None = Field(
         None, description="custom: 'file.py:name' or 'package.module:name', a class or a function returning one env instance."
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments for the factory.")
-    max_turns: int = Field(8, ge=1, description="custom: assistant turns per episode at most; a longer episode is cut (truncated).")
+    max_turns: int = Field(8, ge=1, description="custom, model: assistant turns per episode at most; a longer episode is cut (truncated).")
     rewards_on: Literal["turn", "episode"] = Field(
         "episode",
-        description="custom: the configured reward terms score every assistant turn, or only the episode's last one "
+        description="custom, model: the configured reward terms score every assistant turn, or only the episode's last one "
         "(either way added to the env's own step reward, logged as reward/env).",
     )
     turns: int = Field(3, ge=1, description="dialog: assistant turns per episode (the simulated user answers each one).")
@@ -306,14 +308,29 @@ class DynaConfig(_Section):
     fit_steps: int = Field(4, ge=1, description="lm: Adam steps per training step on minibatches of the buffer.")
     fit_batch_size: int = Field(8, ge=1, description="lm: rows per refit step.")
     fit_learning_rate: float = Field(1e-4, gt=0, description="lm: Adam learning rate of the refit.")
+    env_model: str | None = Field(
+        None, description="Dyna with a learned environment model (multi-turn envs; envmodel/dyna.py): 'online' = learn one "
+        "from this run's real transitions, or a `dynalm train-env-model` folder to start from; null = Dyna learns the reward only."
+    )
+    imagined_fraction: float = Field(
+        0.5, ge=0, lt=1, description="env_model: share of each step's episode groups played inside the learned model."
+    )
+    env_model_base: str | None = Field(None, description="env_model online: its base LM; null = model.name.")
+    env_model_fit_steps: int = Field(4, ge=0, description="env_model: Adam steps per training step on the real-transition buffer (0 = fixed).")
+    env_model_fit_batch_size: int = Field(8, ge=1, description="env_model: transitions per refit step.")
+    env_model_learning_rate: float = Field(3e-4, gt=0, description="env_model: Adam learning rate of the refit.")
+    env_model_max_observation_tokens: int = Field(64, ge=1, description="env_model online: observation tokens trained on and written at most.")
 
 
 class PlannerConfig(_Section):
     """Decode-time planning for `generate` and `eval` (see dynalm.planning)."""
 
-    name: Literal["sample", "greedy", "best-of-n", "mcts"] = Field(
-        "sample", description="Decoding: plain sampling, greedy, best-of-n reranking, or value-guided token MCTS."
+    name: Literal["sample", "greedy", "best-of-n", "mcts", "lookahead"] = Field(
+        "sample", description="Decoding: plain sampling, greedy, best-of-n reranking, value-guided token MCTS, or (multi-turn "
+        "envs) lookahead: n candidate turns each played `depth` turns inside a learned environment model (planning/lookahead.py)."
     )
+    depth: int = Field(2, ge=1, description="lookahead: imagined turns per candidate (the candidate's own included).")
+    env_model: str | None = Field(None, description="lookahead: the `dynalm train-env-model` folder to imagine with.")
     n: int = Field(4, ge=1, description="best-of-n: candidates sampled per prompt.")
     rank_by: Literal["reward", "value"] = Field(
         "reward", description="best-of-n: rank candidates by the reward functions, or by the value head alone (no reward call)."
@@ -366,7 +383,7 @@ class Config(_Section):
     def _custom_env_defaults(cls, raw):
         """A custom environment brings its own episodes and reward: unless the config says
         otherwise, no data files (episodes are reset by seed) and no extra reward terms."""
-        if isinstance(raw, dict) and isinstance(raw.get("env"), dict) and raw["env"].get("kind") == "custom":
+        if isinstance(raw, dict) and isinstance(raw.get("env"), dict) and raw["env"].get("kind") in ("custom", "model"):
             raw = dict(raw)
             raw.setdefault("rewards", [])
             data = dict(raw.get("data") or {})
@@ -415,11 +432,18 @@ class Config(_Section):
             raise ValueError("data.prompts is empty")
         if self.env.kind == "custom" and not self.env.factory:
             raise ValueError("env.kind custom needs env.factory ('my_env.py:make_env' or 'package.module:MyEnv')")
-        if not self.rewards and self.env.fluency_coef == 0 and self.env.kind != "custom":
+        if self.env.kind == "model" and not self.env.path:
+            raise ValueError("env.kind model needs env.path (a folder written by `dynalm train-env-model`)")
+        if not self.rewards and self.env.fluency_coef == 0 and self.env.kind not in ("custom", "model"):
             raise ValueError("no reward: give at least one entry in rewards or set env.fluency_coef")
-        if self.dyna.enabled and self.env.kind != "text":
-            raise ValueError("dyna works with single-turn tasks (env.kind: text) only")
-        if self.env.kind == "text":
+        if self.dyna.enabled and not self.dyna.env_model and self.env.kind != "text":
+            raise ValueError(
+                "dyna learns the reward of single-turn tasks (env.kind: text); for a multi-turn environment set "
+                "dyna.env_model (online, or a `dynalm train-env-model` folder)"
+            )
+        if self.dyna.enabled and self.dyna.env_model and self.env.kind == "text":
+            raise ValueError("dyna.env_model learns a multi-turn environment: it needs env.kind dialog, custom or model")
+        if self.env.kind != "dialog":
             dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement"})
             if dialog_only:
                 raise ValueError(f"reward '{dialog_only[0]}' scores a simulated user's reply: it needs env.kind: dialog")

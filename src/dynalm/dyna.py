@@ -258,6 +258,43 @@ class Dyna:
         return scores, idx, metrics, scored
 
     # ------------------------------------------------------------------ checkpoint
+    def score_batch(self, model, env, batch, rows: list[dict], group: list[int], step: int, info: dict) -> tuple[float, int]:
+        """The trainer's scoring stage under Dyna: the reference forward (log-probs + the
+        reward model's features), then true scores on a share of `batch` and imagined ones on
+        the rest, written into the batch. Returns (the time the scoring began, with the
+        reference forward moved out of it — the trainer times it as `time/reference` —, the
+        number of true-reward calls)."""
+        import time
+
+        from .data import prompt_text
+
+        temp = self.run_cfg.generation.temperature
+        t_ref = time.perf_counter()
+        if self.needs_features:
+            batch.ref_logprobs, feats = model.reference_logprobs_and_features(
+                batch.input_ids, batch.attention_mask, batch.n_actions, batch.action_mask, temp
+            )
+        else:
+            batch.ref_logprobs, feats = model.reference_logprobs(batch.input_ids, batch.attention_mask, batch.n_actions, temp), None
+        t_score = time.perf_counter()
+        ended = batch.ended.tolist()
+
+        def true_score(idx: list[int]):
+            return env.step([rows[i] for i in idx], [batch.completions[i] for i in idx], [ended[i] for i in idx], training=True)[1]
+
+        prompts = [prompt_text(r, self.run_cfg.data.prompt_field) for r in rows]
+        scores, idx, metrics, scored = self.score_step(step, prompts, batch.completions, group, feats, true_score)
+        batch.scores = torch.tensor(scores, dtype=torch.float32, device=batch.action_mask.device)
+        # per-term values exist for the true share only; imagined rows carry NaN (logged as such)
+        terms = {}
+        for k, v in scored.terms.items():
+            t = torch.full((len(batch),), float("nan"))
+            t[idx] = torch.tensor(v, dtype=torch.float32)
+            terms[k] = t
+        batch.reward_terms = terms
+        info.update(metrics)
+        return t_ref + (time.perf_counter() - t_score), len(idx)
+
     def state_dict(self) -> dict:
         s = {
             "true_calls": self.true_calls,

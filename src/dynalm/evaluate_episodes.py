@@ -111,11 +111,15 @@ def evaluate_episodes(
     name = planner or cfg.planner.name
     dialog = cfg.env.kind == "dialog"
     allowed = ("sample", "best-of-n") if dialog or hasattr(env, "fork") else ("sample",)
+    allowed += ("lookahead",) if hasattr(env, "messages") else ()
     if name not in allowed:
         raise UserError(
             f"planner '{name}' is not available for env.kind {cfg.env.kind}", f"use planner {' or '.join(repr(a) for a in allowed)}"
         )
     out: dict = {"n_prompts": len(rows)}
+    if name == "lookahead":  # candidates played inside a learned environment model; one real step per turn
+        out["trained"] = _lookahead_side(model, env, rows, cfg)
+        return out
     if name == "best-of-n":  # turn-level lookahead through the user simulator or forks of the env
         out["trained"] = _planned_dialog_side(model, env, rows, cfg) if dialog else _planned_side(model, env, rows, cfg)
         return out
@@ -177,6 +181,38 @@ def _planned_side(model: PolicyValueModel, env, rows: list[dict], cfg: Config) -
             {"prompt": tr[0]["content"] if tr else "", "completion": next((t["content"] for t in reversed(tr) if t["role"] == "assistant"), ""),
              "reward": tot, **({"seed": r["seed"]} if "seed" in r else {}), "turns": tr}
             for r, tr, tot in zip(rows, res.transcripts, res.totals)
+        ],
+    }
+
+
+def _lookahead_side(model: PolicyValueModel, env, rows: list[dict], cfg: Config) -> dict:
+    """Lookahead with a learned environment model (planning/lookahead.py)."""
+    from .envs.model import ModelEnv
+    from .planning.lookahead import plan_lookahead
+    from .rewards import RewardSet
+
+    if not cfg.planner.env_model:
+        raise UserError("planner 'lookahead' imagines with a learned environment model: planner.env_model is not set",
+                        "train one with `dynalm train-env-model` and pass --set planner.env_model=DIR")
+    from .envmodel import load_env_model
+
+    em, meta = load_env_model(cfg.planner.env_model, model.device)
+    imagine = ModelEnv(cfg, model.tokenizer, RewardSet([]), model=em, openings=meta["openings"])
+    gen = torch.Generator(device=model.device).manual_seed(cfg.eval.seed)
+    t0 = time.perf_counter()
+    res = plan_lookahead(model, env, imagine, rows, cfg, generator=gen)
+    secs = time.perf_counter() - t0
+    replies = [t["content"] for tr in res.transcripts for t in tr if t["role"] == "assistant"]
+    return {
+        "planner": "lookahead", "reward": _mean(res.totals), "turns_per_episode": _mean(res.turns),
+        "success_rate": _mean(float(x) for x in res.success), "truncated_rate": _mean(float(x) for x in res.truncated),
+        "distinct1": lex.distinct_n_corpus(replies, 1), "distinct2": lex.distinct_n_corpus(replies, 2),
+        "n": len(res.totals), "turns": env.max_turns, "env_steps": res.env_steps, "imagined_steps": res.imagined_steps,
+        "seconds_per_sample": secs / max(len(res.totals), 1),
+        "samples": [
+            {"prompt": tr[0]["content"] if tr else "", "completion": next((t["content"] for t in reversed(tr) if t["role"] == "assistant"), ""),
+             "reward": tot, "imagined_returns": g, **({"seed": r["seed"]} if "seed" in r else {}), "turns": tr}
+            for r, tr, tot, g in zip(rows, res.transcripts, res.totals, res.imagined_returns)
         ],
     }
 

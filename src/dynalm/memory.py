@@ -64,7 +64,7 @@ def _new_tokens(cfg: Config) -> int:
         from .envs.dialog import region_tokens
 
         return region_tokens(cfg)
-    if cfg.env.kind == "custom":  # every turn, with a guess of 64 tokens per observation and template
+    if cfg.env.kind in ("custom", "model"):  # every turn, with a guess of 64 tokens per observation and template
         return cfg.env.max_turns * cfg.generation.max_new_tokens + (cfg.env.max_turns - 1) * 64
     return cfg.generation.max_new_tokens
 

@@ -7,6 +7,7 @@ RUN_DIR/
   tb/              TensorBoard events
   checkpoints/     atomic checkpoints + `latest`
   export/          the trained model (LoRA merged) + value_head.safetensors, for transformers
+  env_model/       with dyna.env_model: the environment model as learned (a `train-env-model` folder)
   eval.json        base vs trained on the eval split
   report.md        curves.png, eval table, samples before/after
 
@@ -71,7 +72,7 @@ def train_rows(cfg: Config) -> list[dict]:
     d = cfg.data
     if d.prompts is not None:
         return [{d.prompt_field: p} for p in d.prompts]
-    if d.train is None and cfg.env.kind == "custom":  # a game needs no data: episodes by seed
+    if d.train is None and cfg.env.kind in ("custom", "model"):  # a game needs no data: episodes by seed
         from .envs.custom import train_seed_rows
 
         return train_seed_rows(cfg)
@@ -82,7 +83,7 @@ def train_rows(cfg: Config) -> list[dict]:
 
 def eval_rows(cfg: Config) -> list[dict] | None:
     d = cfg.data
-    if not d.eval and cfg.env.kind == "custom":
+    if not d.eval and cfg.env.kind in ("custom", "model"):
         from .envs.custom import eval_seed_rows
 
         return list(eval_seed_rows(cfg))
@@ -311,6 +312,9 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
     fix = f"free space on that disk or fix its permissions; the checkpoints are intact: dynalm train --resume {run_dir}"
     with write_guard(run_dir / "export", "the export", fix):
         export_model(model, run_dir / "export")
+    if trainer.env_dyna is not None:  # the environment model Dyna learned: plan or train with it later
+        with write_guard(run_dir / "env_model", "the environment model", fix):
+            trainer.env_dyna.save(run_dir / "env_model")
     result = None
     if ev is not None:
         result = evaluate(model, ev, cfg)

@@ -99,14 +99,24 @@ class CustomEnv:
         m = self.cfg.model
         return render_messages(self.tokenizer, msgs, chat=m.use_chat_template, system_prompt=m.system_prompt)
 
+    # ------------------------------------------------------------------ the user's environments
+    def _reset_all(self, rows: list[dict]):
+        """(row, reset's return, the episode's env) per row: one new env each."""
+        for row in rows:
+            env = self._call(self.factory, "factory", **self.cfg.env.kwargs)
+            seeded = isinstance(row, SeedRow)
+            yield row, self._call(env.reset, "reset", seed=row["seed"] if seeded else None,
+                                  options=None if seeded else dict(row)), env
+
+    def _step_all(self, live: list[int], replies: list[str], where: str, generator=None) -> list:
+        """step's return for each live episode's reply (a batched env overrides this)."""
+        return [self._call(self._envs[i].step, where, r) for i, r in zip(live, replies)]
+
     # ------------------------------------------------------------------ episodes
     def begin(self, rows: list[dict], *, training: bool) -> tuple[list[str], list[str]]:
         self._rows, self._envs, self._msgs, self._turn = list(rows), [], [], 0
         self._log: list[list[dict]] = []
-        for row in rows:
-            env = self._call(self.factory, "factory", **self.cfg.env.kwargs)
-            seeded = isinstance(row, SeedRow)
-            out = self._call(env.reset, "reset", seed=row["seed"] if seeded else None, options=None if seeded else dict(row))
+        for row, out, env in self._reset_all(rows):
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise UserError(f"env '{self.name}' reset returned {type(out).__name__}", "return (observation, info)")
             msgs = as_messages(out[0], f"env '{self.name}' reset")
@@ -119,8 +129,7 @@ class CustomEnv:
         self._turn += 1
         where = f"step (turn {self._turn})"
         env_r, done, cut, obs_msgs, infos = [], [], [], [], []
-        for j, i in enumerate(live):
-            out = self._call(self._envs[i].step, where, replies[j])
+        for j, out in enumerate(self._step_all(live, replies, where, generator)):
             if not (isinstance(out, tuple) and len(out) == 5):
                 raise UserError(
                     f"env '{self.name}' {where} returned {type(out).__name__}", "return (observation, reward, terminated, truncated, info)"

@@ -241,6 +241,10 @@ class DialogEnv:
     def transcripts(self) -> list[list[dict]]:
         return [self.transcript(s, sc, tt) for s, sc, tt in zip(self._states, self._scores, self._terms)]
 
+    def messages(self, i: int) -> list[dict]:
+        """Episode i's conversation so far, as the assistant sees it."""
+        return self._states[i].messages
+
     def episode_info(self) -> dict:
         return {"dialog/user_words": sum(self._user_words) / max(len(self._user_words), 1), "time/user": self._t_user}
 

@@ -83,6 +83,9 @@ def plan(
         return res
     if name == "mcts":
         return _mcts(model, env, rows, states, gen_cfg, planner_cfg, max_prompt_tokens, on_done, rng, path_reward)
+    if name == "lookahead":
+        raise UserError("planner 'lookahead' plans the turns of a multi-turn environment",
+                        "use it with env.kind dialog, custom or model, or pick another planner")
     raise ValueError(f"unknown planner {name!r}")
 
 

@@ -20,10 +20,7 @@ import contextlib
 import functools
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -32,10 +29,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ..checkpoint import fsync_path
+from ..checkpoint import publish_folder
 from ..data import jsonl_objects, read_text
 from ..errors import UserError
-from ..integrity import MANIFEST, write_manifest
 from ..models import rm_folder
 from ..models.rm_folder import META_FILE, WEIGHTS_FILE
 FORMAT_VERSION = 1
@@ -446,33 +442,11 @@ def save_reward_model(model: RewardModel, out_dir: Path | str, metrics: dict | N
     """
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        save_file(model.trainable_state_dict(), str(tmp / WEIGHTS_FILE))
-        meta = {
-            "format": FORMAT_VERSION,
-            "config": model.cfg.model_dump(),
-            "metrics": metrics or {},
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        for f in (WEIGHTS_FILE, META_FILE):
-            fsync_path(tmp / f)
-        write_manifest(tmp, kind="reward_model")
-        fsync_path(tmp)
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-        else:
-            for f in (WEIGHTS_FILE, META_FILE, MANIFEST):
-                os.replace(tmp / f, out_dir / f)
-            fsync_path(out_dir)
-            tmp.rmdir()
-        fsync_path(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    meta = {"format": FORMAT_VERSION, "config": model.cfg.model_dump(), "metrics": metrics or {}}
+    return publish_folder(out_dir, {
+        WEIGHTS_FILE: lambda p: save_file(model.trainable_state_dict(), str(p)),
+        META_FILE: lambda p: p.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8"),
+    }, kind="reward_model")
 
 
 def _json_safe(x):

@@ -103,7 +103,6 @@ class Batch:
         def cat(xs):
             return None if any(x is None for x in xs) else torch.cat(xs)
 
-        first = parts[0]
         return Batch(
             input_ids=torch.cat([seq(b, b.input_ids, pad_id) for b in parts]),
             attention_mask=torch.cat([seq(b, b.attention_mask, 0) for b in parts]),
@@ -114,10 +113,20 @@ class Batch:
             completions=[c for b in parts for c in b.completions],
             group=torch.cat([b.group for b in parts]),
             ended=torch.cat([b.ended for b in parts]),
-            extras={k: [v for b in parts for v in b.extras.get(k, [None] * len(b))] for k in first.extras},
+            extras={k: [v for b in parts for v in b.extras.get(k, [None] * len(b))] for k in _keys(b.extras for b in parts)},
             turn_ids=cat([tok(b.turn_ids, -1) for b in parts]),
             scores=cat([b.scores for b in parts]),
-            reward_terms={k: torch.cat([b.reward_terms[k] for b in parts]) for k in first.reward_terms},
+            # a term one part lacks (another environment's) is NaN there, as Dyna's imagined rows
+            reward_terms={k: torch.cat([b.reward_terms.get(k, _nan(b)) for b in parts]) for k in _keys(b.reward_terms for b in parts)},
             turn_scores=cat([tok(b.turn_scores) for b in parts]),
         )
 
+
+
+def _keys(dicts) -> list:
+    """The union of the dicts' keys, in order of first sight."""
+    return list(dict.fromkeys(k for d in dicts for k in d))
+
+
+def _nan(b: Batch) -> torch.Tensor:
+    return torch.full((len(b),), float("nan"), device=b.scores.device if b.scores is not None else None)

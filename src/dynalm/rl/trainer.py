@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data import prompt_text
 from ..distributed import Dist, global_explained_variance, global_masked_mean, global_masked_var, rank_seed
 from ..dyna import Dyna
 from ..envs import EpisodeEnv, make_env
+from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
 from .objectives import add_advantages, add_token_rewards, minibatch_loss, zero_std_groups  # noqa: F401 (re-exported)
@@ -101,7 +101,15 @@ class Trainer:
             # normalised reward terms keep running statistics of the whole batch, in its order
             self.env.rewards.gather = dist.gather_floats
         self.reward_calls = 0  # completions scored by the configured (true) reward so far (this process)
-        self.dyna = Dyna(cfg, combine=self.env.rewards.combine) if cfg.dyna.enabled else None
+        self.dyna = Dyna(cfg, combine=self.env.rewards.combine) if cfg.dyna.enabled and not cfg.dyna.env_model else None
+        self.env_dyna = None  # Dyna over imagined episodes of a learned environment model (envmodel/dyna.py)
+        if cfg.dyna.enabled and cfg.dyna.env_model:
+            from ..envmodel.dyna import EnvDyna
+
+            if dist is not None:
+                raise UserError("dyna.env_model trains in one process", "run it without accelerate launch")
+
+            self.env_dyna = EnvDyna(cfg, model.tokenizer, model.device)
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
@@ -118,6 +126,7 @@ class Trainer:
             "skipped_batches": self.skipped_batches,
             "reward_calls": self.reward_calls,
             "dyna": self.dyna.state_dict() if self.dyna is not None else None,
+            "env_dyna": self.env_dyna.state_dict() if self.env_dyna is not None else None,
             "reward_stats": self.env.rewards.state_dict(),
             "rng": _rng_state(),
         }
@@ -149,6 +158,8 @@ class Trainer:
         self.env.rewards.load_state_dict(s.get("reward_stats", {}))
         if self.dyna is not None and s.get("dyna") is not None:
             self.dyna.load_state_dict(s["dyna"])
+        if self.env_dyna is not None and s.get("env_dyna") is not None:
+            self.env_dyna.load_state_dict(s["env_dyna"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -166,44 +177,6 @@ class Trainer:
         k = self.cfg.kl
         self.kl_ctl.target = k.target if k.adaptive else None
         self.kl_ctl.horizon = k.horizon
-
-    # -------------------------------------------------------------- Dyna scoring
-    def _dyna_score(self, batch: Batch, rows: list[dict], group: list[int], step: int, info: dict) -> float:
-        """Reference forward (log-probs + the reward model's features), then true scores on a
-        share of the batch and imagined ones on the rest. Returns the time the scoring began
-        (the reference forward is timed as `time/reference`, the rest as `time/reward`)."""
-        cfg = self.cfg
-        t_ref = time.perf_counter()
-        if self.dyna.needs_features:
-            batch.ref_logprobs, feats = self.model.reference_logprobs_and_features(
-                batch.input_ids, batch.attention_mask, batch.n_actions, batch.action_mask, cfg.generation.temperature
-            )
-        else:
-            batch.ref_logprobs, feats = self.model.reference_logprobs(
-                batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
-            ), None
-        t_score = time.perf_counter()
-        ended = batch.ended.tolist()
-
-        def true_score(idx: list[int]):
-            return self.env.step([rows[i] for i in idx], [batch.completions[i] for i in idx], [ended[i] for i in idx], training=True)[1]
-
-        prompts = [prompt_text(r, cfg.data.prompt_field) for r in rows]
-        scores, idx, metrics, scored = self.dyna.score_step(step, prompts, batch.completions, group, feats, true_score)
-        self.reward_calls += len(idx)
-        dev = batch.action_mask.device
-        batch.scores = torch.tensor(scores, dtype=torch.float32, device=dev)
-        # per-term values exist for the true share only; imagined rows carry NaN (logged as such)
-        terms = {}
-        for k, v in scored.terms.items():
-            t = torch.full((len(batch),), float("nan"))
-            t[idx] = torch.tensor(v, dtype=torch.float32)
-            terms[k] = t
-        batch.reward_terms = terms
-        info.update(metrics)
-        # The caller times reward as t2 − t1 and reference as t3 − t2: moving t2 by the
-        # reference forward's duration puts each where it belongs.
-        return t_ref + (time.perf_counter() - t_score)
 
     # -------------------------------------------------------------- one iteration
     def step(self) -> StepResult:
@@ -245,11 +218,12 @@ class Trainer:
             trunc += extra["truncated"]
             self.reward_calls += n * more["dynamic/extra_groups"]
             t1 = time.perf_counter() - t_env  # the extra rollouts (and their scoring) count as rollout time
-        if self.dyna is not None:
-            t2 = self._dyna_score(batch, rows, group, step, info)
+        if self.dyna is not None:  # the true reward on a share, the learned one on the rest (dyna.py)
+            t2, n_true = self.dyna.score_batch(self.model, self.env, batch, rows, group, step, info)
+            self.reward_calls += n_true
         else:
             t2 = t1 + t_env
-            self.reward_calls += len(batch)
+            self.reward_calls += info.get("dyna/real_episodes", len(batch))  # imagined episodes cost no real call
         return self.learn(batch, info, times=(t0, t1, t2), truncated=trunc)
 
     def _draw(self, k: int):
@@ -261,11 +235,14 @@ class Trainer:
             idx = idx[self.dist.rank * k : (self.dist.rank + 1) * k]
         rows = [self.rows[i] for i in idx for _ in range(n)]
         group = [g for g in range(len(idx)) for _ in range(n)]
-        batch, trunc, info = rollout(
-            self.model, self.env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
-            prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None,
-        )
-        return batch, trunc, info, rows, group
+        def roll(env, rows, group):
+            return rollout(self.model, env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
+                           prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None)
+
+        if self.env_dyna is None:
+            return (*roll(self.env, rows, group), rows, group)
+        pad = self.model.tokenizer.pad_token_id or 0
+        return (*self.env_dyna.draw(roll, self.env, rows, group, n, self.step_idx + 1, pad), rows, group)
 
     def learn(self, batch: Batch, info: dict | None = None, *, times: tuple | None = None, truncated: int = 0) -> StepResult:
         """The stages after the rollout and scoring: reference → rewards → advantages → update → metrics.
