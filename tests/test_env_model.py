@@ -40,6 +40,9 @@ def test_observations_as_text_and_back():
     assert parse_observation(observation_text(msgs)) == msgs
     assert parse_observation("plain reply") == [U("plain reply")]
     assert parse_observation("lead\n[tool] x") == [U("lead"), {"role": "tool", "content": "x"}]
+    # a bracketed word is text, not a role; the agent's role is never the environment's
+    assert parse_observation("[sighs] fine, go on") == [U("[sighs] fine, go on")]
+    assert parse_observation("ok\n[assistant] hi") == [U("ok\n[assistant] hi")]
 
 
 def test_the_environment_sees_the_conversation_with_roles_swapped():
@@ -136,6 +139,8 @@ def test_train_env_model_learns_the_observations_saves_and_runs_as_an_environmen
     # planning with it in the real environment: one real step per turn, the candidates imagined
     assert main(["eval", "--run", str(run), "--planner", "lookahead", "--set", f"planner.env_model={em}", "--set", "planner.n=2",
                  "--set", "planner.depth=2"]) == 0
+    # best-of-n inside the model: a fork of the model env is a model env
+    assert main(["eval", "--run", str(tmp_path / "run2"), "--planner", "best-of-n", "--set", "planner.n=2"]) == 0
     la = json.loads((run / "eval-lookahead.json").read_text())["trained"]
     assert la["planner"] == "lookahead" and la["env_steps"] == sum(sum(t["role"] == "assistant" for t in s["turns"]) for s in la["samples"])
     assert la["imagined_steps"] >= 2 * la["env_steps"]
@@ -251,7 +256,8 @@ class _CountingImagination:
         return self.msgs[j]
 
 
-def test_lookahead_takes_the_candidate_with_the_best_imagined_return(tiny_llama, prompts_file, tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_lookahead_takes_the_candidate_with_the_best_imagined_return(algo, tiny_llama, prompts_file, tmp_path):
     from dynalm.config import build_config
     from dynalm.envs import make_env
     from dynalm.models.policy import PolicyValueModel
@@ -259,13 +265,13 @@ def test_lookahead_takes_the_candidate_with_the_best_imagined_return(tiny_llama,
     from dynalm.run import train_rows
 
     (tmp_path / "echo_env.py").write_text(ECHO_ENV)
-    over = tiny_overrides(tiny_llama, prompts_file, generation={"max_new_tokens": 8}, algorithm={"name": "grpo", "num_generations": 2})
+    over = tiny_overrides(tiny_llama, prompts_file, generation={"max_new_tokens": 8}, algorithm={"name": algo, "num_generations": 2})
     over.pop("data"), over.pop("rewards")
     over["env"] = {"kind": "custom", "factory": f"{tmp_path / 'echo_env.py'}:make_env", "max_turns": 3, "turn_gamma": 0.5}
     over["planner"] = {"n": 4, "depth": 2}
     cfg = build_config(over)
     model = PolicyValueModel.from_config(cfg)
-    assert model.value_head is None  # no critic: G is the imagined rewards alone
+    assert (model.value_head is None) == (algo == "grpo")  # grpo: no critic, G is the imagined rewards alone
     env, imagine = make_env(cfg, model), _CountingImagination()
     res = plan_lookahead(model, env, imagine, train_rows(cfg)[:2], cfg, generator=torch.Generator().manual_seed(0))
     assert res.env_steps == sum(res.turns) == 6  # Echo ends after 3 turns: one real step per turn per episode
@@ -274,5 +280,7 @@ def test_lookahead_takes_the_candidate_with_the_best_imagined_return(tiny_llama,
         chosen = [t["content"] for t in tr if t["role"] == "assistant"]
         assert [len(g) for g in gs] == [4, 4, 4]
         # G = cat(a) + 0.5·cat(the policy's imagined next turn); the last turn sees one turn: G = cat(a), argmax taken
-        assert all(max(g) >= a.split().count("cat") for a, g in zip(chosen, gs))
+        if algo == "grpo":
+            assert all(max(g) >= a.split().count("cat") for a, g in zip(chosen, gs))
+        # the last turn reaches the turn budget: no critic value is added there, with or without a critic
         assert max(gs[2]) == chosen[2].split().count("cat")

@@ -12,7 +12,7 @@ baseline the trained model is measured against.
 
 An observation is one text for the model: a single user message is its content; any other
 observation (a tool's result, several messages) is one line per message, `[role] content`
-(`observation_text`), read back by `parse_observation`.
+(`observation_text`), read back by `parse_observation` for the roles in ENV_ROLES only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from ..data import jsonl_objects, read_text
 from ..errors import UserError
 
 REQUIRED = ("episode", "state", "action", "next_observation", "reward", "terminated")
-_TAG = re.compile(r"^\[([A-Za-z_][A-Za-z0-9_-]*)\] ?", re.M)
+# the roles an environment speaks in (never "assistant": that is the agent); any other
+# bracketed word at a line start ("[sighs] fine") is text
+ENV_ROLES = ("user", "tool", "system", "ipython", "environment")
+_TAG = re.compile(r"^\[(" + "|".join(ENV_ROLES) + r")\] ?", re.M)
 
 
 def observation_text(msgs: list[dict]) -> str:

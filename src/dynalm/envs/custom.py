@@ -192,7 +192,7 @@ class CustomEnv:
         """A new batch of episodes: n copies of each of `episodes` (in that order), each with
         its own deep copy of the user's environment, to try n actions before taking one.
         The environment must survive `copy.deepcopy` (as gymnasium planning asks)."""
-        out = object.__new__(CustomEnv)
+        out = object.__new__(type(self))  # a ModelEnv forks as a ModelEnv
         out.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
         out._turn = self._turn
         out._rows = [self._rows[i] for i in episodes for _ in range(n)]

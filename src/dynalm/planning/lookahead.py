@@ -8,7 +8,8 @@ the candidate, the policy answers the imagined observation, and so on — and is
     G = Σ_{d<depth} γ^d · r̂_d  +  γ^depth · V(s_depth)
 
 (γ = `env.turn_gamma`; the critic's value of the imagined state at the horizon when the
-policy has one and the imagined episode is still running, else 0). The real environment
+policy has one, the imagined episode is still running and the real episode's turn budget
+is not reached there — a cut episode is not bootstrapped in training either —, else 0). The real environment
 then takes the best candidate only: one real step per turn per episode, whatever n and
 depth — every other step is imagined. Imagination stops at the real episode's turn budget.
 """
@@ -79,8 +80,9 @@ def plan_lookahead(model, env, imagine, rows, cfg, *, generator=None) -> Lookahe
                 break
             replies, ended = _policy_turn(model, tok, [imagine.messages(j) for j in going], mcfg, gen, mpt, generator)
         h = min(p.depth, env.max_turns - k)
-        for j, v in zip(going, _horizon_values(model, tok, [imagine.messages(j) for j in going], mcfg, mpt)):
-            G[j] += gamma**h * v
+        if k + h < env.max_turns:  # at the turn budget the episode is cut: nothing follows to bootstrap
+            for j, v in zip(going, _horizon_values(model, tok, [imagine.messages(j) for j in going], mcfg, mpt)):
+                G[j] += gamma**h * v
         best = [a * n + int(G[a * n : (a + 1) * n].argmax()) for a in range(len(live))]
         turn = env.advance(live, [cands[j] for j in best], [None] * len(live), [cand_ended[j] for j in best], training=False,
                            generator=generator)

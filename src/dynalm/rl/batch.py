@@ -117,7 +117,8 @@ class Batch:
             turn_ids=cat([tok(b.turn_ids, -1) for b in parts]),
             scores=cat([b.scores for b in parts]),
             # a term one part lacks (another environment's) is NaN there, as Dyna's imagined rows
-            reward_terms={k: torch.cat([b.reward_terms.get(k, _nan(b)) for b in parts]) for k in _keys(b.reward_terms for b in parts)},
+            reward_terms={k: torch.cat([b.reward_terms[k] if k in b.reward_terms else _nan(b, _like(parts, k)) for b in parts])
+                          for k in _keys(b.reward_terms for b in parts)},
             turn_scores=cat([tok(b.turn_scores) for b in parts]),
         )
 
@@ -128,5 +129,10 @@ def _keys(dicts) -> list:
     return list(dict.fromkeys(k for d in dicts for k in d))
 
 
-def _nan(b: Batch) -> torch.Tensor:
-    return torch.full((len(b),), float("nan"), device=b.scores.device if b.scores is not None else None)
+def _like(parts: list[Batch], k: str) -> torch.Tensor:
+    return next(b.reward_terms[k] for b in parts if k in b.reward_terms)
+
+
+def _nan(b: Batch, like: torch.Tensor) -> torch.Tensor:
+    """NaN for a part without the term, on the term's own device and dtype."""
+    return torch.full((len(b),), float("nan"), device=like.device, dtype=like.dtype)
