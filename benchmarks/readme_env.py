@@ -1,9 +1,9 @@
 """Train the environment of the README's "Bring your own environment" section, taken from
 the README itself (the code block starting `# my_env.py`), as a new user would.
 
-    python benchmarks/readme_env.py [--algo grpo] [--steps 20] [--set key=value ...]
+    python benchmarks/readme_env.py [--algo grpo] [--steps 20] [--set key=value ...] [--name NAME]
 
-Writes benchmarks/results/readme_env-ALGO.json: base → trained mean return, success rate
+Writes benchmarks/results/readme_env-ALGO.json (or NAME.json): base → trained mean return, success rate
 and turns per episode on 32 held-out seeds, with the run's wall time.
 """
 
@@ -30,8 +30,10 @@ def main() -> None:
     ap.add_argument("--algo", default="grpo", choices=["grpo", "ppo", "rloo", "reinforce_pp"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--name", default=None, help="result name (default readme_env-ALGO)")
     a = ap.parse_args()
-    work = ROOT / "runs" / f"readme-env-{a.algo}"
+    name = a.name or f"readme_env-{a.algo}"
+    work = ROOT / "runs" / name.replace("_", "-")
     work.mkdir(parents=True, exist_ok=True)
     block = re.search(r"```python\n# my_env.py\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
     (work.parent / "readme_my_env.py").write_text(block)
@@ -47,7 +49,7 @@ def main() -> None:
         "log": {"samples_every": 5, "checkpoint_every": a.steps, "progress": False},
         "eval": {"max_prompts": 32, "batch_size": 32},
     }
-    cfg_path = work.parent / f"readme-env-{a.algo}.yaml"
+    cfg_path = work.parent / f"{work.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "dynalm", "train", "-c", str(cfg_path), "--out", str(work), "--force"]
     for s in a.set:
@@ -59,7 +61,8 @@ def main() -> None:
     out = {"machine": machine(), "command": "python benchmarks/readme_env.py " + " ".join(sys.argv[1:]), "config": cfg,
            "wall_seconds": round(time.perf_counter() - t, 1), "eval_episodes": ev["n_prompts"],
            "base": {k: ev["base"].get(k) for k in keys}, "trained": {k: ev["trained"].get(k) for k in keys}}
-    write_result(f"readme_env-{a.algo}", out)
+    out["set"] = a.set
+    write_result(name, out)
     print(json.dumps(out["base"]), "->", json.dumps(out["trained"]))
 
 

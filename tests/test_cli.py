@@ -32,7 +32,7 @@ def test_train_eval_generate_export(fixture, algo, request, tmp_path, prompts_fi
     assert f"run directory: {run}" in capsys.readouterr().out
 
     # run directory contents
-    for name in ["config.yaml", "metrics.jsonl", "samples.jsonl", "eval.json", "report.md", "curves.png", "export/config.json"]:
+    for name in ["config.yaml", "metrics.jsonl", "samples.jsonl", "eval.json", "report.md", "report.html", "curves.png", "export/config.json"]:
         assert (run / name).exists(), name
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -186,6 +186,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import write_text_atomic
     from .evaluate import evaluate, summary_table
     from .report import finalize_report
+    from .rundir import publish_eval
     from .run import eval_rows
 
     if args.out and Path(args.out).is_dir():
@@ -209,10 +210,9 @@ def cmd_eval(args) -> int:
             tname = "transcripts.jsonl" if planner == "sample" else f"transcripts-{planner}.jsonl"
             write_transcripts(Path(args.run) / tname, result, cfg.env.transcripts)
         main_eval = Path(args.run) / "eval.json"
-        finalize_report(
-            Path(args.run), json.loads(main_eval.read_text()) if main_eval.is_file() else None, model, cfg, rows,
-            echo=lambda s: print(s, file=sys.stderr),
-        )
+        main_result = json.loads(main_eval.read_text()) if main_eval.is_file() else None
+        finalize_report(Path(args.run), main_result, model, cfg, rows, echo=lambda s: print(s, file=sys.stderr))
+        publish_eval(Path(args.run), cfg, main_result)  # the run's trackers get the new planner table and report
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.out), json.dumps(result, indent=2, ensure_ascii=False))

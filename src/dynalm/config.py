@@ -82,6 +82,10 @@ class GenerationConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0 = off).")
     stop_at_eos: bool = Field(True, description="End a completion at the tokenizer's EOS token.")
+    fast_decode: bool = Field(
+        True, description="Decode Llama-family models (Llama, Qwen2) with LoRA folded into the weights and a static KV "
+        "cache (same maths, less per-token overhead); other models keep transformers' path. false = always transformers'.",
+    )
 
 
 class RolloutConfig(_Section):
@@ -272,7 +276,26 @@ class LogConfig(_Section):
     checkpoint_every: int = Field(20, ge=1, description="Write a checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     print_episodes: bool = Field(False, description="Print each episode's cumulative reward (the article's log line).")
-    tensorboard: bool = Field(True, description="Write TensorBoard events.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers (TRL's name): each step's metrics, the config, sample tables and, at the end, "
+        "the eval and planner tables and the report files. wandb/trackio/mlflow are optional installs; [] = none.",
+    )
+    project: str = Field("dynalm", min_length=1, description="Tracker project (wandb, trackio) or experiment (mlflow).")
+    tensorboard: bool = Field(True, description="Older switch for TensorBoard: false removes it from report_to.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_words(cls, v):
+        """TRL's forms too: one name, "a,b", or "none"."""
+        if isinstance(v, str):
+            return [] if v.strip().lower() == "none" else [w.strip() for w in v.split(",") if w.strip()]
+        return v
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to without repeats, less TensorBoard where `tensorboard: false`."""
+        return [n for n in dict.fromkeys(self.report_to) if n != "tensorboard" or self.tensorboard]
     progress: bool = Field(True, description="Show a live progress bar.")
 
 

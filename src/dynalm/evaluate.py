@@ -144,15 +144,18 @@ def evaluate(
     return out
 
 
-def summary_table(result: dict) -> str:
-    """A markdown table of the scalar metrics, one column per side."""
+def summary_rows(result: dict) -> tuple[list[str], list[list]]:
+    """The scalar metrics of an eval result: columns (metric, then one per side) and rows."""
     sides = [s for s in ("base", "trained", "model") if s in result]
     keys = [k for k in result[sides[0]] if k not in ("samples", "planner")]
-    lines = ["| metric | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
-    for k in keys:
-        cells = []
-        for s in sides:
-            v = result[s].get(k)
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+    return ["metric", *sides], [[k, *(result[s].get(k) for s in sides)] for k in keys]
+
+
+def summary_table(result: dict) -> str:
+    """A markdown table of the scalar metrics, one column per side."""
+    cols, rows = summary_rows(result)
+    lines = ["| " + " | ".join(cols) + " |", "|---|" + "---|" * (len(cols) - 1)]
+    for k, *vals in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

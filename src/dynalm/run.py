@@ -56,6 +56,7 @@ from .envs import make_env
 from . import transitions
 from .memory import check_memory, estimate_memory, model_memory_estimate  # noqa: F401 (re-exported for tests)
 from .report import finalize_report
+from .trackers import check_trackers
 from .rundir import (  # noqa: F401 (some re-exported)
     _Logger, _truncate_jsonl, check_run_dir, config_sha256, default_run_dir, prepare_run_dir,
     read_run_config, source_commit,
@@ -182,7 +183,8 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
             check_world(cfg, dist.world_size)
             run_dir = Path(dist.broadcast(str(run_dir)))  # a default name holds the time: take rank 0's
             _check_mixed_precision(echo)
-        # Check everything the user gave (data, rewards, model, memory) before touching the disk.
+        # Check everything the user gave (trackers, data, rewards, model, memory) before touching the disk.
+        check_trackers(cfg.log.trackers)
         rows = train_rows(cfg)
         ev = eval_rows(cfg) if cfg.eval.enabled else None
         rewards = RewardSet(cfg.rewards)
@@ -294,11 +296,14 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
                     sig = next((s for s in dist.gather(sig) if s is not None), None)
                 if sig is not None:
                     raise Stopped(sig)
-    except Stopped:
-        if last_ckpt is None or last_ckpt.name != f"step-{trainer.step_idx:06d}":
-            last_ckpt = _checkpoint(trainer, run_dir)
-        echo(f"stopped at step {trainer.step_idx}; checkpoint {last_ckpt}")
-        echo(f"resume with: dynalm train --resume {run_dir}")
+    except BaseException as exc:
+        if logger is not None:
+            logger.close(failed=True)  # the trackers' runs end marked failed; a resume continues them
+        if isinstance(exc, Stopped):
+            if last_ckpt is None or last_ckpt.name != f"step-{trainer.step_idx:06d}":
+                last_ckpt = _checkpoint(trainer, run_dir)
+            echo(f"stopped at step {trainer.step_idx}; checkpoint {last_ckpt}")
+            echo(f"resume with: dynalm train --resume {run_dir}")
         raise
     finally:
         if logger is not None:
@@ -334,6 +339,7 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
         )
     with write_guard(run_dir / "report.md", "the report", fix):
         finalize_report(run_dir, result, model, cfg, ev, echo=echo)
+    logger.finish(result, trainer.step_idx)
     return run_dir
 
 

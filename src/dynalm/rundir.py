@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def default_run_dir(cfg: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.task}-{cfg.algorithm.name}-{stamp}"
 
-RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "export", "eval.json", "report.md",
-             "curves.png", "tokens.html", "transcripts.jsonl", "transitions.jsonl", ".config.yaml.tmp", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "tb", "wandb", "trackers.json", "export", "eval.json",
+             "report.md", "report.html", "curves.png", "tokens.html", "transcripts.jsonl", "transitions.jsonl",
+             ".config.yaml.tmp", "config.yaml")
+REPORT_FILES = ("report.md", "report.html", "curves.png", "tokens.html")
 
 
 def check_run_dir(out: Path, *, force: bool) -> None:
@@ -81,27 +84,23 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     write_bytes_atomic(path, b"".join(keep))
 
 class _Logger:
+    """metrics.jsonl and samples.jsonl, and the same to the configured experiment trackers."""
+
     def __init__(self, run_dir: Path, cfg: Config):
+        from .trackers import open_trackers
+
+        self.run_dir = run_dir
         self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
-        self.tb = None
-        if cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                self.tb = None
+        self.trackers = open_trackers(run_dir, cfg.log.trackers, cfg.log.project, cfg.model_dump(mode="json"))
 
     def log(self, m: dict) -> None:
         self.metrics.write(json.dumps(m) + "\n")
         self.metrics.flush()
-        if self.tb is not None:
-            for k, v in m.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, m["step"])
+        self.trackers.metrics(m["step"], m)
 
     def log_samples(self, step: int, batch) -> None:
+        recs = []
         for i in range(len(batch)):
             rec = {
                 "step": step,
@@ -114,14 +113,70 @@ class _Logger:
                 rec["scored_by"] = "model"
             else:
                 rec.update(terms)
+            recs.append(rec)
             self.samples.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.samples.flush()
+        if self.trackers.items:
+            cols = list(dict.fromkeys(k for r in recs for k in r if k != "step"))
+            self.trackers.table("samples", cols, [[r.get(c) for c in cols] for r in recs], step)
 
-    def close(self) -> None:
-        self.metrics.close()
-        self.samples.close()
-        if self.tb is not None:
-            self.tb.close()
+    def finish(self, eval_result: dict | None, step: int) -> None:
+        """The end of a run: see `publish_results`; then the trackers' runs are closed."""
+        publish_results(self.trackers, self.run_dir, eval_result, step)
+        self.trackers.close()
+
+    def close(self, failed: bool = False) -> None:
+        """Close the log files; a failed or stopped run also closes the trackers (marked failed)."""
+        if not self.metrics.closed:
+            self.metrics.close()
+            self.samples.close()
+        if failed:
+            self.trackers.close(failed=True)
+
+def publish_results(trackers, run_dir: Path, eval_result: dict | None, step: int) -> None:
+    """The eval and planner tables, the final eval as summary scalars, and the report files
+    as artifacts, to every tracker."""
+    from .evaluate import summary_rows
+    from .report import planner_rows
+
+    if trackers.items and eval_result:
+        trackers.table("eval", *summary_rows(eval_result), step)
+        planners = planner_rows(run_dir, eval_result)
+        if planners:
+            trackers.table("planners", *planners, step)
+        trackers.summary(
+            {f"final_eval/{side}/{k}": float(v) for side in ("base", "trained") if side in eval_result
+             for k, v in eval_result[side].items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        )
+    trackers.files([run_dir / n for n in REPORT_FILES])
+
+
+def publish_eval(run_dir: Path, cfg: Config, eval_result: dict | None) -> None:
+    """After `dynalm eval --run RUN`: the trackers' runs of RUN are continued to take the new
+    planner table and report (at the run's last step); a run never logged to them is left alone."""
+    from .trackers import IDS_FILE, check_trackers, open_trackers
+
+    try:
+        ids = json.loads((run_dir / IDS_FILE).read_text()) if (run_dir / IDS_FILE).is_file() else {}
+    except ValueError:
+        ids = {}
+    names = [n for n in cfg.log.trackers if n == "tensorboard" or n in ids]
+    try:
+        check_trackers(names)
+    except UserError as err:  # the eval is written; say what did not reach the tracker
+        print(f"note: the eval is not sent to the run's trackers: {err.line()}", file=sys.stderr)
+        return
+    if not names:
+        return
+    metrics = run_dir / "metrics.jsonl"
+    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
+    step = json.loads(lines[-1]).get("step", 0) if lines else 0
+    trackers = open_trackers(run_dir, names, cfg.log.project, cfg.model_dump(mode="json"))
+    try:
+        publish_results(trackers, run_dir, eval_result, step)
+    finally:
+        trackers.close()
+
 
 def read_run_config(run_dir: Path) -> dict:
     """A run's config.yaml, which dynalm writes whole (every section): one that lost

@@ -14,6 +14,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import UserError
+from .fastdecode import decoder_for
 from .policy import PolicyValueModel, position_ids_from_mask
 
 _SENTINEL = "@@DYNALM-ASSISTANT-TURN@@"
@@ -135,10 +136,20 @@ def sample(
             cur_pos = pos_all
             next_pos = pos_all[:, -1] + 1
             n_done = 0
+            want_v = values is not None and own_values
+            fast = decoder_for(model, lm) if gen.fast_decode and T > 1 else None
+            if fast is not None:
+                fast.refresh(adapters_on=not use_reference)
             for t in range(T):
-                logits, v, past = model.step_logits(
-                    lm, cur_ids, attn[:, : P + t], cur_pos, past, want_values=values is not None and own_values
-                )
+                if fast is not None and t > 0:  # the one-token steps: folded weights, static cache
+                    with model.autocast():
+                        hidden = fast.step(cur_ids[:, 0], cur_pos[:, 0], attn[:, : P + t].bool(), past, P + t - 1)
+                    logits = fast.logits(hidden)
+                    v = model._value(hidden.float()) if want_v else None
+                else:
+                    logits, v, past = model.step_logits(lm, cur_ids, attn[:, : P + t], cur_pos, past, want_values=want_v)
+                    if fast is not None:
+                        past = fast.start(past, P + T)
                 logits = logits / gen.temperature
                 logp_all = torch.log_softmax(logits, dim=-1)
                 if greedy:
@@ -151,7 +162,7 @@ def sample(
                 attn[:, P + t] = alive.long()
                 action_mask[:, t] = alive.float()
                 logprobs[:, t] = torch.where(alive, logp_all.gather(-1, tok[:, None]).squeeze(-1), 0.0)
-                if values is not None and own_values:
+                if want_v:
                     values[:, t] = torch.where(alive, v, 0.0)
                 n_done = t + 1
                 if stops is not None:

@@ -1,0 +1,97 @@
+"""The fast decode path (models/fastdecode.py): the same tokens, log-probs and values as
+transformers' path and as a full forward of the training model, for the policy and the
+reference, after an optimiser step, for Llama and Qwen2 (with q/k/v biases); GPT-2 keeps
+transformers' path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynalm.config import build_config
+from dynalm.models.fastdecode import decoder_for, supports
+from dynalm.models.generation import encode_prompts, sample
+from dynalm.models.policy import PolicyValueModel
+from dynalm.rl.trainer import seed_everything
+
+from conftest import make_tokenizer, tiny_overrides
+
+PROMPTS = ["the cat", "once upon a time there was a king", "red"]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.3,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # make the q/k/v biases matter
+        for layer in model.model.layers:
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                m.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _model(model_dir, prompts_file, fast: bool, **extra):
+    cfg = build_config(tiny_overrides(model_dir, prompts_file, generation={"max_new_tokens": 10, "fast_decode": fast,
+                                                                          "stop_at_eos": False}, **extra))
+    seed_everything(0)
+    model = PolicyValueModel.from_config(cfg)
+    with torch.no_grad():
+        for n, p in model.lm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        model.value_head.weight.normal_(generator=torch.Generator().manual_seed(2))
+    return cfg, model
+
+
+def _sample(cfg, model, **kw):
+    ids, mask, _ = encode_prompts(model.tokenizer, PROMPTS, 64, "cpu")
+    return sample(model, ids, mask, cfg.generation, generator=torch.Generator().manual_seed(0), **kw)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_fast_decode_equals_transformers_path_and_the_full_forward(fixture, request, prompts_file):
+    model_dir = request.getfixturevalue(fixture)
+    cfg_f, fast = _model(model_dir, prompts_file, True, model={"value_head": True})
+    cfg_s, slow = _model(model_dir, prompts_file, False, model={"value_head": True})
+    assert supports(fast.lm) is None
+    a, b = _sample(cfg_f, fast), _sample(cfg_s, slow)
+    assert decoder_for(fast, fast.lm)._layers  # the fast path ran
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])  # same tokens, same masks
+    assert torch.allclose(a[3], b[3], atol=1e-5) and torch.allclose(a[4], b[4], atol=1e-5)
+    out_ids, attn, amask, logp, values, _ = a
+    full = fast(out_ids, attn, amask.shape[1])  # the training forward
+    assert torch.allclose(full.logprobs * amask, logp, atol=1e-5)
+    assert torch.allclose(full.values * amask, values, atol=1e-5)
+    assert (logp != 0).sum() == amask.sum() == len(PROMPTS) * 10
+
+
+def test_reference_decode_and_an_optimiser_step_are_followed(tiny_llama, prompts_file):
+    cfg, model = _model(tiny_llama, prompts_file, True)
+    ids, mask, _ = encode_prompts(model.tokenizer, PROMPTS, 64, "cpu")
+    out = _sample(cfg, model, use_reference=True)  # the adapter off: the base model's log-probs
+    assert torch.allclose(model.reference_logprobs(out[0], out[1], out[2].shape[1]) * out[2], out[3], atol=1e-5)
+    before = _sample(cfg, model)
+    opt = torch.optim.SGD(model.policy_parameters(), lr=0.5)  # an in-place update of the LoRA weights
+    loss = -model(before[0], before[1], before[2].shape[1]).logprobs.sum()
+    loss.backward()
+    opt.step()
+    after = _sample(cfg, model)
+    full = model(after[0], after[1], after[2].shape[1])
+    assert torch.allclose(full.logprobs * after[2], after[3], atol=1e-5)  # the folded weights were rebuilt
+    assert not torch.allclose(before[3], after[3], atol=1e-3)
+
+
+def test_models_it_does_not_know_keep_the_transformers_path(tiny_gpt2, prompts_file):
+    cfg, model = _model(tiny_gpt2, prompts_file, True)
+    assert supports(model.lm) == "model type gpt2" and decoder_for(model, model.lm) is None
+    out_ids, attn, amask, logp, _values, _ = _sample(cfg, model)
+    assert torch.allclose(model(out_ids, attn, amask.shape[1]).logprobs * amask, logp, atol=1e-5)
