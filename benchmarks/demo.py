@@ -18,6 +18,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result  # noqa: E402
 
 
+def opening_ngram_share(samples: list[dict], n: int = 4) -> float:
+    """Mean over samples of the share of the opening's word n-grams that reappear in the continuation."""
+    from dynalm.rewards.text import ngrams, words
+
+    shares = []
+    for s in samples:
+        grams = set(ngrams(words(s["prompt"]), n))
+        if grams:
+            shares.append(len(grams & set(ngrams(words(s["completion"]), n))) / len(grams))
+    return sum(shares) / max(len(shares), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/demo")
@@ -35,8 +47,11 @@ def main() -> None:
     ev = json.loads((run / "eval.json").read_text())
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     med = sorted(m["time/step"] for m in metrics)[len(metrics) // 2]
-    keys = ["reward", "reward/relatedness", "reward/distinct2", "reward/novelty", "reward/repetition", "kl",
-            "perplexity_ref", "distinct2", "mean_length", "eos_rate"]
+    keys = ["reward"] + sorted(k for k in ev["base"] if k.startswith("reward/")) + [
+        "kl", "perplexity_ref", "distinct2", "mean_length", "eos_rate"]
+    for side in ("base", "trained"):  # issue 20: how much of the opening the continuations restate
+        ev[side]["opening_4grams_reproduced"] = opening_ngram_share(ev[side]["samples"])
+    keys.append("opening_4grams_reproduced")
     res = {
         "command": " ".join(["python", "benchmarks/demo.py"] + [f"--set {s}" for s in a.set]
                             + ([f"--name {a.name}"] if a.name != "demo" else [])),

@@ -323,6 +323,53 @@ def test_relevance_is_minilm_cosine():
     assert rel[0] > rel[1] + 0.2
 
 
+GOAL = "You want healthy breakfasts you can eat in under five minutes."
+HELPFUL = ("Try overnight oats: mix oats, milk and berries the night before, and grab the jar in the morning.",
+           "Thanks! Overnight oats sound quick. Can I make them the night before?")
+GUSHING = ("What a wonderful question! You are amazing, and I love how much you care about yourself!",
+           "Aww, you're so sweet! I love talking to you, you're wonderful!")
+
+
+def test_flattery_no_longer_pays_once_sentiment_must_stay_on_the_goal():
+    """Issue 20: the dialog preset learned to gush at a simulated user who gushed back."""
+    replies, users = [HELPFUL[0], GUSHING[0]], [HELPFUL[1], GUSHING[1]]
+    kw = dict(user_reply=users, goal=[GOAL] * 2)
+    old = dr.user_sentiment(["x"] * 2, replies, **kw)
+    assert old[1] > old[0]  # plain sentiment pays the gushing exchange more
+    new = dr.user_sentiment(["x"] * 2, replies, on_goal=0.4, **kw)
+    assert new[0] == pytest.approx(old[0])  # on goal (cos 0.43 ≥ 0.4): paid in full
+    assert new[1] == 0.0  # the gush is off the goal (cos 0.05 ≤ 0.2): nothing
+    goal = dr.goal_relevance(["x"] * 2, replies, **kw)
+    assert goal[0] > goal[1] + 0.3
+    # between t/2 and t the gate is linear; negative sentiment is never excused
+    c = dr.goal_relevance(["x"], ["y"], user_reply=["That doesn't help, I only have three minutes."], goal=[GOAL])[0]
+    neg = dr.user_sentiment(["x"], ["y"], on_goal=0.9, user_reply=["That doesn't help, I only have three minutes."], goal=[GOAL])
+    assert c < 0.45 and neg == dr.user_sentiment(["x"], ["y"], user_reply=["That doesn't help, I only have three minutes."])
+    with pytest.raises(UserError, match="needs a 'goal' field in every data row"):
+        dr.goal_relevance(["x"], ["y"], user_reply=["hi"])
+    with pytest.raises(UserError, match=r"on_goal must lie in \(0, 1\], not 1.5"):
+        dr.user_sentiment(["x"], ["y"], on_goal=1.5, user_reply=["hi"], goal=[GOAL])
+    with pytest.raises(UserError, match="needs env.kind: dialog"):
+        build_config({"rewards": [{"name": "goal_relevance"}]})
+
+
+def test_on_goal_gate_is_linear_between_half_and_full_threshold():
+    kw = dict(user_reply=[HELPFUL[1]], goal=[GOAL])
+    c = dr.goal_relevance(["x"], ["y"], **kw)[0]
+    s = dr.user_sentiment(["x"], ["y"], **kw)[0]
+    t = c / 0.75  # cos sits at 3/4 of t, i.e. halfway between t/2 and t
+    assert dr.user_sentiment(["x"], ["y"], on_goal=t, **kw)[0] == pytest.approx(0.5 * s, abs=1e-6)
+
+
+def test_batch_repetition_counts_ngrams_shared_with_other_replies():
+    stock = "what a wonderful question you have"
+    out = dr.batch_repetition(["x"] * 3, [stock + " about oats", stock + " about tea", "boil an egg for six minutes"])
+    # trigrams: 6 each for the first two, 5 of them shared ("what a wonderful" … "you have about")
+    assert out == [pytest.approx(5 / 6), pytest.approx(5 / 6), 0.0]
+    assert dr.batch_repetition(["x"], ["a reply repeats a reply repeats"]) == [0.0]  # only other replies count
+    assert dr.batch_repetition(["x"] * 2, ["hi", "hi"]) == [0.0, 0.0]  # no trigram at all
+
+
 # ----------------------------------------------------------------------------- training through the CLI
 
 
@@ -331,11 +378,15 @@ def test_dialog_preset_trains_through_cli(algo, tiny_llama, tmp_path, capsys):
     import yaml
 
     run = tmp_path / algo
-    config, terms = "configs/dialog.yaml", {"user_sentiment", "engagement", "relevance", "turn_repetition", "eos"}
-    if algo == "grpo":  # the preset less its MiniLM term (slow on a busy CPU); ppo runs it whole
+    config = "configs/dialog.yaml"
+    terms = {"user_sentiment", "goal_relevance", "engagement", "relevance", "turn_repetition", "batch_repetition", "eos",
+             "user_sentiment_plain"}
+    if algo == "grpo":  # the preset less its MiniLM terms (slow on a busy CPU); ppo runs it whole
         raw = yaml.safe_load(open(config))
-        raw["rewards"] = [r for r in raw["rewards"] if r["name"] != "relevance"]
-        config, terms = tmp_path / "dialog-grpo.yaml", terms - {"relevance"}
+        raw["rewards"] = [r for r in raw["rewards"] if r["name"] not in ("relevance", "goal_relevance")]
+        for r in raw["rewards"]:
+            r.pop("kwargs", None)
+        config, terms = tmp_path / "dialog-grpo.yaml", terms - {"relevance", "goal_relevance"}
         config.write_text(yaml.safe_dump(raw))
     argv = ["train", "-c", str(config), "--out", str(run),
             "--set", f"model.name={tiny_llama}", "--set", "model.lora.r=2", "--set", f"algorithm.name={algo}",

@@ -123,7 +123,9 @@ class KLConfig(_Section):
 
 DEFAULT_USER_INSTRUCTIONS = (
     "You are role-playing a person chatting with an AI assistant. {persona} {goal} "
-    "Write only your next message to the assistant: one or two short sentences, in character."
+    "Stay in character and keep to your goal: do not praise or flatter the assistant; if its reply "
+    "does not help with your goal, say so and ask again. "
+    "Write only your next message to the assistant: one or two short sentences."
 )
 
 
@@ -467,7 +469,7 @@ class Config(_Section):
         if self.dyna.enabled and self.dyna.env_model and self.env.kind == "text":
             raise ValueError("dyna.env_model learns a multi-turn environment: it needs env.kind dialog, custom or model")
         if self.env.kind != "dialog":
-            dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement"})
+            dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement", "goal_relevance"})
             if dialog_only:
                 raise ValueError(f"reward '{dialog_only[0]}' scores a simulated user's reply: it needs env.kind: dialog")
         return self

@@ -43,6 +43,8 @@ BUILTINS: dict[str, RewardFn] = {
     "engagement": dialog.engagement,
     "relevance": dialog.relevance,
     "turn_repetition": dialog.turn_repetition,
+    "goal_relevance": dialog.goal_relevance,
+    "batch_repetition": dialog.batch_repetition,
 }
 
 

@@ -28,10 +28,37 @@ def _need(kwargs: dict, key: str, fn: str) -> list:
     return list(kwargs[key])
 
 
-def user_sentiment(prompts, completions, **kwargs) -> list[float]:
-    """VADER compound sentiment of the simulated user's next reply (−1 .. 1)."""
+def _goal_cosines(kwargs: dict, fn: str) -> list[float]:
+    """MiniLM cosine of each simulated user reply and that user's own goal (the row's `goal`)."""
+    users = [u or "" for u in _need(kwargs, "user_reply", fn)]
+    if "goal" not in kwargs:
+        raise UserError(f"reward '{fn}' needs a 'goal' field in every data row", "add goal to the rows, or drop the term")
+    goals = [g or "" for g in kwargs["goal"]]
+    return cosine_pairs([u if u.strip() else "." for u in users], [g if g.strip() else "." for g in goals])
+
+
+def user_sentiment(prompts, completions, on_goal: float | None = None, **kwargs) -> list[float]:
+    """VADER compound sentiment of the simulated user's next reply (−1 .. 1).
+
+    With `on_goal: t` (a MiniLM cosine, e.g. 0.4) a *positive* sentiment is paid only as far
+    as the user's reply stays on the user's own goal: in full when cos(reply, goal) ≥ t,
+    nothing when it is ≤ t/2, linearly between. A user who gushes back at a flattering
+    assistant ("you're so sweet!") has left their goal, so the gush earns nothing; negative
+    sentiment is always paid in full (an unhappy user is never excused)."""
     an = _vader()
-    return [an.polarity_scores(u or "")["compound"] for u in _need(kwargs, "user_reply", "user_sentiment")]
+    sent = [an.polarity_scores(u or "")["compound"] for u in _need(kwargs, "user_reply", "user_sentiment")]
+    if on_goal is None:
+        return sent
+    if not 0 < on_goal <= 1:
+        raise UserError(f"user_sentiment's on_goal must lie in (0, 1], not {on_goal}", "e.g. kwargs: {on_goal: 0.4}")
+    gates = [min(1.0, max(0.0, (c - on_goal / 2) / (on_goal / 2))) for c in _goal_cosines(kwargs, "user_sentiment")]
+    return [s * g if s > 0 else s for s, g in zip(sent, gates)]
+
+
+def goal_relevance(prompts, completions, **kwargs) -> list[float]:
+    """MiniLM cosine of the simulated user's next reply and the user's own goal (−1 .. 1):
+    does the conversation stay on what the user came for (breakfast ideas, not compliments)?"""
+    return _goal_cosines(kwargs, "goal_relevance")
 
 
 def engagement(prompts, completions, target_words: int = 12, **kwargs) -> list[float]:
@@ -65,3 +92,17 @@ def turn_repetition(prompts, completions, n: int = 3, **kwargs) -> list[float]:
         seen = {g for h in hist for g in ngrams(words(h), n)}
         out.append(sum(g in seen for g in grams) / len(grams))
     return out
+
+
+def batch_repetition(prompts, completions, n: int = 3, **kwargs) -> list[float]:
+    """Share of this reply's word n-grams (default trigrams) that also occur in *another*
+    reply of the same call — across the batch's episodes (0 .. 1). Stock phrases the policy
+    says to everyone ("what a wonderful question") score high; a reply written for its
+    conversation scores near 0. A penalty: give it a negative weight. The value depends on
+    the batch it is scored in (training and eval batch every live episode's turn together)."""
+    grams = [ngrams(words(c), n) for c in completions]
+    owners: dict[tuple, set[int]] = {}
+    for i, gs in enumerate(grams):
+        for g in gs:
+            owners.setdefault(g, set()).add(i)
+    return [sum(len(owners[g]) > 1 for g in gs) / len(gs) if gs else 0.0 for gs in grams]
