@@ -78,7 +78,7 @@ def main() -> None:
         if ev["planner"] != planner or (a.prompts and full["n_prompts"] != a.prompts):
             sys.exit(f"{out} holds another planner or prompt count: run without --reuse")
         rows.append({"variant": name, "settings": sets, "n": n_cand if planner == "best-of-n" else None,
-                     **{k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "seconds_per_sample", "forward_calls")},
+                     **{k: ev[k] for k in ("planner", "reward", "kl", "distinct2", "perplexity_ref", "seconds_per_sample", "forward_calls")},
                      **{k: ev[k] for k in ev if k.startswith("reward/")},
                      "sample_rewards": [x["reward"] for x in ev["samples"]]})
         print({k: v for k, v in rows[-1].items() if k != "sample_rewards"}, flush=True)
@@ -100,12 +100,12 @@ def main() -> None:
         "command": " && ".join(commands), "commands": commands,
         "machine": machine(), "run": str(run), "prompts": a.prompts, "rows": rows,
     })
-    print("| decoder | eval reward | Δ vs sample | prompts better | KL | distinct-2 | s / sample | × time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| decoder | eval reward | Δ vs sample | prompts better | KL | distinct-2 | ppl (ref) | s / sample | × time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         better = f"{r['prompts_better_than_sample']}/{len(r['sample_rewards'])}" if "prompts_better_than_sample" in r else "–"
         print(f"| {r['variant']} | {r['reward']:.4f} | {r['reward_gain_vs_sample']:+.4f} | {better} | {r['kl']:.2f} | "
-              f"{r['distinct2']:.3f} | {r['seconds_per_sample']:.2f} | {r['time_ratio_vs_sample']:.1f} |")
+              f"{r['distinct2']:.3f} | {r['perplexity_ref']:.1f} | {r['seconds_per_sample']:.2f} | {r['time_ratio_vs_sample']:.1f} |")
 
 
 if __name__ == "__main__":
