@@ -41,7 +41,7 @@ def test_set_parses_yaml_scalars_and_nesting():
 def test_set_addresses_reward_items():
     cfg = load_config("configs/story.yaml", ["rewards.1.weight=2.5"])
     assert cfg.rewards[1].name == "distinct2" and cfg.rewards[1].weight == 2.5
-    with pytest.raises(UserError, match=r"--set rewards.9: there are 4 reward terms"):
+    with pytest.raises(UserError, match=r"--set rewards.9: there are 6 reward terms \(use an index in range\)"):
         load_config("configs/story.yaml", ["rewards.9.weight=1"])
 
 
