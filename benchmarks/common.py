@@ -27,3 +27,18 @@ def write_result(name: str, data: dict) -> Path:
     p = RESULTS / f"{name}.json"
     p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return p
+
+
+def median_seconds(fn, reps: int, warm: int = 1) -> float:
+    """Median wall time of `reps` calls of fn() after `warm` untimed ones."""
+    import statistics
+    import time
+
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)

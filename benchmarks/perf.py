@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCH = ROOT / ".bench"
 sys.path.insert(0, str(HERE))
-from common import machine  # noqa: E402
+from common import machine, median_seconds  # noqa: E402
 
 SIDES = ["dynalm-grpo", "trl-grpo", "dynalm-ppo", "trl-ppo"]
 TRL_VERSION = {"grpo": "1.16.0", "ppo": "1.12.0"}
@@ -104,14 +104,7 @@ def measure_machine(threads: int) -> dict:
     torch.set_num_threads(threads)
 
     def med(fn, reps):
-        fn()
-        fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
+        return median_seconds(fn, reps, warm=2)
 
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)

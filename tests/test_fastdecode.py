@@ -95,3 +95,41 @@ def test_models_it_does_not_know_keep_the_transformers_path(tiny_gpt2, prompts_f
     assert supports(model.lm) == "model type gpt2" and decoder_for(model, model.lm) is None
     out_ids, attn, amask, logp, _values, _ = _sample(cfg, model)
     assert torch.allclose(model(out_ids, attn, amask.shape[1]).logprobs * amask, logp, atol=1e-5)
+
+
+def test_shared_rows_finds_each_distinct_prompt():
+    from dynalm.models.generation import _shared_rows
+
+    ids = torch.tensor([[5, 6], [7, 8], [5, 6], [5, 6], [0, 8]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1], [0, 1]])
+    first, inv = _shared_rows(ids, mask)
+    assert torch.equal(ids[first][inv], ids) and torch.equal(mask[first][inv], mask)
+    assert sorted(first.tolist()) == [0, 1, 4]  # the first row of each distinct prompt
+    assert _shared_rows(ids[:2], mask[:2]) is None  # nothing repeats: one prefill per row
+    # the same ids with a different mask (a pad token that is also a real token) are not shared
+    assert _shared_rows(torch.tensor([[0, 8], [0, 8]]), torch.tensor([[0, 1], [1, 1]])) is None
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_shared_prefixes_prefill_each_prompt_once_with_the_same_samples(tiny_llama, prompts_file, fast_path, monkeypatch):
+    group = ["the cat", "the cat", "once upon a time there was a king", "the cat", "once upon a time there was a king"]
+    prefill_rows = []
+    real = PolicyValueModel.step_logits
+
+    def spy(self, lm, input_ids, *a, **k):
+        if input_ids.shape[1] > 1:
+            prefill_rows.append(input_ids.shape[0])
+        return real(self, lm, input_ids, *a, **k)
+
+    monkeypatch.setattr(PolicyValueModel, "step_logits", spy)
+    outs = []
+    for share in (True, False):
+        cfg, model = _model(tiny_llama, prompts_file, fast_path, model={"value_head": True})
+        cfg.generation.share_prefixes = share
+        ids, mask, _ = encode_prompts(model.tokenizer, group, 64, "cpu")
+        outs.append(sample(model, ids, mask, cfg.generation, generator=torch.Generator().manual_seed(0)))
+    assert prefill_rows == [2, 5]  # shared: the two distinct prompts; unshared: every row
+    a, b = outs
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert torch.allclose(a[3], b[3], atol=1e-5) and torch.allclose(a[4], b[4], atol=1e-5)
+    assert not torch.equal(a[0][0], a[0][1])  # rows of one prompt still sample their own tokens

@@ -86,6 +86,10 @@ class GenerationConfig(_Section):
         True, description="Decode Llama-family models (Llama, Qwen2) with LoRA folded into the weights and a static KV "
         "cache (same maths, less per-token overhead); other models keep transformers' path. false = always transformers'.",
     )
+    share_prefixes: bool = Field(
+        True, description="Prefill each distinct prompt of a batch once (a grpo/rloo group, best-of-n candidates) and "
+        "give its KV cache to every row that starts with it; false = one prefill per row.",
+    )
 
 
 class RolloutConfig(_Section):

@@ -116,11 +116,14 @@ class FastDecoder:
             ))
         self._key = key
 
-    def start(self, past, total: int):
-        """Static KV buffers [B, kv heads, total, head dim] per layer, holding the prefill's cache."""
+    def start(self, past, total: int, rows: torch.Tensor | None = None):
+        """Static KV buffers [B, kv heads, total, head dim] per layer, holding the prefill's cache
+        (row i of the buffers takes the prefill's row rows[i] when `rows` is given)."""
         cache = []
         for layer in past.layers:
             k, v = layer.keys, layer.values
+            if rows is not None:
+                k, v = k[rows], v[rows]
             B, H, L, D = k.shape
             K = k.new_empty((B, H, total, D))
             V = v.new_empty((B, H, total, D))

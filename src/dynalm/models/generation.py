@@ -3,7 +3,8 @@
 The chat template renders a prompt or a whole conversation; `glue_text` is the text that
 continues a conversation after a sampled assistant turn (the template's end of that turn,
 the new messages, the cue for the next one), so a multi-turn episode is built from token
-ids and never re-tokenised. `sample` is one prefill over left-padded prompts and one
+ids and never re-tokenised. `sample` is one prefill over the distinct left-padded prompts (rows that repeat a prompt
+share its KV cache) and one
 incremental forward per new token with the KV cache; the same pass records log π(a_t|s_t)
 (at the sampling temperature, before top-k/top-p truncation, as TRL does) and V(s_t).
 """
@@ -140,8 +141,19 @@ def sample(
             fast = decoder_for(model, lm) if gen.fast_decode and T > 1 else None
             if fast is not None:
                 fast.refresh(adapters_on=not use_reference)
+            # Rows that start from the same prompt (a group, best-of-n) share one prefill: the
+            # distinct prompts are run once and their cache and first logits copied to each row.
+            rows = _shared_rows(prompt_ids, prompt_mask) if gen.share_prefixes else None
             for t in range(T):
-                if fast is not None and t > 0:  # the one-token steps: folded weights, static cache
+                if t == 0 and rows is not None:
+                    first, inv = rows
+                    logits, v, past = model.step_logits(lm, prompt_ids[first], attn[first, :P], pos_all[first], None, want_values=want_v)
+                    logits, v = logits[inv], (v[inv] if v is not None else None)
+                    if fast is not None:
+                        past = fast.start(past, P + T, rows=inv)
+                    else:
+                        past.batch_select_indices(inv)
+                elif fast is not None and t > 0:  # the one-token steps: folded weights, static cache
                     with model.autocast():
                         hidden = fast.step(cur_ids[:, 0], cur_pos[:, 0], attn[:, : P + t].bool(), past, P + t - 1)
                     logits = fast.logits(hidden)
@@ -187,6 +199,19 @@ def sample(
         values[:, :n_done] if values is not None else None,
         ended,
     )
+
+
+def _shared_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(one row index per distinct prompt, each row's distinct prompt) when some rows repeat; else None."""
+    if ids.shape[0] < 2:
+        return None
+    _, inv = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    n = int(inv.max()) + 1
+    if n == ids.shape[0]:
+        return None
+    first = torch.full((n,), ids.shape[0], dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inv, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
+    return first, inv
 
 
 def decode_completions(tokenizer, ids: torch.Tensor, action_mask: torch.Tensor, ended: torch.Tensor) -> list[str]:
