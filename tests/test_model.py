@@ -160,7 +160,7 @@ def test_bf16_first_ratio_is_one_when_logprobs_are_recomputed(tiny_llama, prompt
             if "lora_B" in n:
                 p.add_(0.5 * torch.randn_like(p))
     model.amp_dtype = torch.bfloat16
-    assert wants_recompute(cfg, model)
+    assert wants_recompute(cfg.rollout, model)
     rows = [{"prompt": "the cat sat"}, {"prompt": "once upon a time there"}]
     env = TextEnv(cfg, model.tokenizer)
     batch, _, _ = rollout(model, env, rows, [0, 1], cfg.generation, max_prompt_tokens=64, generator=torch.Generator().manual_seed(0))
@@ -180,4 +180,37 @@ def test_bf16_first_ratio_is_one_when_logprobs_are_recomputed(tiny_llama, prompt
         logits = model.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert logits.dtype == torch.float32
     # off by default on a CPU, on on CUDA
-    assert not wants_recompute(build_config(tiny_overrides(tiny_llama, prompts_file)), model)
+    assert not wants_recompute(build_config(tiny_overrides(tiny_llama, prompts_file)).rollout, model)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_takes_the_same_step(tiny_llama, prompts_file, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from dynalm.data import read_rows
+    from dynalm.memory import model_memory_estimate
+
+    calls = []
+    real = LlamaMLP.forward
+
+    def counted(self, x):  # the recompute runs forward itself, without module hooks
+        calls.append(self.training and torch.is_grad_enabled())
+        return real(self, x)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    after, mlp_calls, est = {}, {}, {}
+    for ckpt in (False, True):
+        cfg, model = _model(tiny_llama, prompts_file, algorithm={"name": "ppo"}, rewards=[{"name": "length"}],
+                            train={"gradient_checkpointing": ckpt})
+        _perturb_lora(model)
+        calls.clear()
+        Trainer(cfg, model, read_rows(str(prompts_file))).step()
+        after[ckpt] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        mlp_calls[ckpt] = sum(calls)  # MLP forwards with gradients on: the update's
+        est[ckpt] = model_memory_estimate(model, cfg)["activations"]
+    # without checkpointing the update runs each layer's MLP once; with it, the backward runs it again
+    assert mlp_calls[True] == 2 * mlp_calls[False] > 0
+    assert after[True].keys() == after[False].keys()
+    for n in after[False]:
+        assert torch.allclose(after[True][n], after[False][n], atol=1e-6), n
+    layers = 2  # the tiny model's; per token and hidden unit: layers + one layer's 20 values vs layers × 20
+    assert est[True] * layers * 20 == est[False] * (layers + 20)

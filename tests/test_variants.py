@@ -228,11 +228,11 @@ def test_constant_aggregation_divides_by_the_env_turn_budget(tiny_llama, prompts
     from dynalm.rl.objectives import assistant_turns
 
     base = tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2})
-    assert assistant_turns(build_config(base)) == 1
+    assert assistant_turns(build_config(base).env) == 1
     from types import SimpleNamespace as NS
 
-    assert assistant_turns(NS(env=NS(kind="dialog", turns=3, max_turns=8))) == 3
-    assert assistant_turns(NS(env=NS(kind="custom", turns=3, max_turns=5))) == 5
+    assert assistant_turns(NS(kind="dialog", turns=3, max_turns=8)) == 3
+    assert assistant_turns(NS(kind="custom", turns=3, max_turns=5)) == 5
 
 
 @pytest.mark.parametrize("algo,match", [

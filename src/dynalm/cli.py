@@ -172,7 +172,7 @@ def _eval_progress(cfg, rows: list, *, sides: int, planner: str):
 
     from .evaluate import limit_rows
 
-    n = len(limit_rows(rows, cfg)) * cfg.eval.samples_per_prompt * sides
+    n = len(limit_rows(rows, cfg.eval)) * cfg.eval.samples_per_prompt * sides
     show = cfg.log.progress and cfg.env.kind == "text"
     with Progress(
         TextColumn(f"eval ({planner})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),

@@ -275,6 +275,10 @@ class TrainConfig(_Section):
         0, ge=0, description="Skip up to this many batches with a NaN/inf loss, gradient or reward (no optimizer step), then stop."
     )
     memory_check: bool = Field(True, description="Refuse to start when the estimated peak memory exceeds the memory available.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each decoder layer's input in the update and recompute the rest in the backward "
+        "pass (non-reentrant torch.utils.checkpoint): far less activation memory for about one more forward per update.",
+    )
 
 
 class LogConfig(_Section):

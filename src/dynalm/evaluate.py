@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import Config
+from .config import Config, EvalConfig
 from .data import prompt_text
 from .envs import TextEnv
 from .models.policy import PolicyValueModel
@@ -35,9 +35,9 @@ def _assemble(prompt_ids, prompt_mask, token_lists, pad: int):
     return ids, attn, amask
 
 
-def limit_rows(rows: list[dict], cfg: Config) -> list[dict]:
+def limit_rows(rows: list[dict], e: EvalConfig) -> list[dict]:
     """The eval prompts an eval uses: the first `eval.max_prompts` (all when null)."""
-    return rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
+    return rows[: e.max_prompts] if e.max_prompts else rows
 
 
 @torch.no_grad()
@@ -131,9 +131,9 @@ def evaluate(
         from .envs import make_env
         from .evaluate_episodes import evaluate_episodes
 
-        return evaluate_episodes(model, make_env(cfg, model), limit_rows(rows, cfg), cfg, base=base, trained=trained, planner=planner)
+        return evaluate_episodes(model, make_env(cfg, model), limit_rows(rows, cfg.eval), cfg, base=base, trained=trained, planner=planner)
     env = TextEnv(cfg, model.tokenizer)
-    rows = limit_rows(rows, cfg)
+    rows = limit_rows(rows, cfg.eval)
     out: dict = {"n_prompts": len(rows)}
     if base:
         out["base"] = evaluate_side(model, env, rows, cfg, use_reference=True, planner="sample", progress=progress)

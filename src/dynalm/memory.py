@@ -21,7 +21,7 @@ LOGITS_FACTOR = 6
 
 def estimate_memory(
     *, param_bytes: int, trainable_bytes: int, hidden: int, layers: int, vocab: int,
-    batch: int, prompt_tokens: int, new_tokens: int, bytes_per_value: int = 4,
+    batch: int, prompt_tokens: int, new_tokens: int, bytes_per_value: int = 4, checkpointing: bool = False,
 ) -> dict[str, int]:
     """Peak bytes of one training step, by part; an upper bound for the per-token parts
     since prompts count at their maximum length.
@@ -31,11 +31,14 @@ def estimate_memory(
     activations  batch × (prompt + new tokens) × hidden × layers × ACTIVATION_FACTOR values
     logits       batch × (new tokens + 1) × vocab × LOGITS_FACTOR values
     `batch` is the update's minibatch: the update (forward with gradients) is the peak.
+    With activation checkpointing a layer keeps only its input (1 value per token and hidden
+    unit), and one layer at a time holds its full set while it is recomputed.
     """
+    per_layer = layers + ACTIVATION_FACTOR if checkpointing else layers * ACTIVATION_FACTOR
     est = {
         "weights": param_bytes,
         "optimizer": 3 * trainable_bytes,
-        "activations": batch * (prompt_tokens + new_tokens) * hidden * layers * ACTIVATION_FACTOR * bytes_per_value,
+        "activations": batch * (prompt_tokens + new_tokens) * hidden * per_layer * bytes_per_value,
         "logits": batch * (new_tokens + 1) * vocab * LOGITS_FACTOR * bytes_per_value,
     }
     est["total"] = sum(est.values())
@@ -55,6 +58,7 @@ def model_memory_estimate(model: PolicyValueModel, cfg: Config, world_size: int 
         batch=min(cfg.algorithm.minibatch_size or cfg.train.batch_size, cfg.train.batch_size // world_size),
         prompt_tokens=cfg.model.max_prompt_tokens,
         new_tokens=_new_tokens(cfg),
+        checkpointing=cfg.train.gradient_checkpointing,
     )
 
 
@@ -63,7 +67,7 @@ def _new_tokens(cfg: Config) -> int:
     if cfg.env.kind == "dialog":
         from .envs.dialog import region_tokens
 
-        return region_tokens(cfg)
+        return region_tokens(cfg.env, cfg.generation)
     if cfg.env.kind in ("custom", "model"):  # every turn, with a guess of 64 tokens per observation and template
         return cfg.env.max_turns * cfg.generation.max_new_tokens + (cfg.env.max_turns - 1) * 64
     return cfg.generation.max_new_tokens

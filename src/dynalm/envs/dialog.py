@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config, ModelConfig
+from ..config import Config, EnvConfig, GenerationConfig, ModelConfig
 from ..data import render_template
 from ..errors import UserError
 from ..models.generation import check_context_length, decode_completions, encode_prompts, glue_text, render_messages, sample
@@ -76,9 +76,8 @@ def load_user_model(name: str, device: torch.device) -> PolicyValueModel:
     return _USER_MODELS[key]
 
 
-def region_tokens(cfg: Config) -> int:
+def region_tokens(e: EnvConfig, g: GenerationConfig) -> int:
     """An upper bound on the tokens after the first prompt (for the memory estimate)."""
-    e, g = cfg.env, cfg.generation
     return e.turns * g.max_new_tokens + (e.turns - 1) * (e.user_generation.max_new_tokens + 24)
 
 

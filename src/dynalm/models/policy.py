@@ -112,7 +112,21 @@ class PolicyValueModel(nn.Module):
     def from_config(cls, cfg: Config, device: torch.device | None = None) -> "PolicyValueModel":
         model = cls.build(cfg.model, value_head=cfg.use_value_head, device=device, value_norm=cfg.algorithm.value_norm)
         model.value_detached = not cfg.algorithm.needs_value_head
+        if cfg.train.gradient_checkpointing:
+            model.enable_checkpointing()
         return model
+
+    def enable_checkpointing(self) -> None:
+        """Activation checkpointing per decoder layer in every trained LM (transformers' own,
+        non-reentrant, so frozen inputs need no requires_grad); only while training: sampling
+        and no-grad passes run the model in eval mode, where it is off."""
+        for lm in (self.lm, self.critic_lm):
+            if lm is not None:
+                base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+                if not getattr(base, "supports_gradient_checkpointing", False):
+                    raise UserError(f"train.gradient_checkpointing: {type(base).__name__} does not support it",
+                                    "set train.gradient_checkpointing: false")
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
     def build(

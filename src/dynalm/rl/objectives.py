@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import EnvConfig
 from ..distributed import Dist, global_masked_mean, global_masked_var
 from . import advantages as adv_mod
 from . import losses
@@ -116,10 +117,10 @@ def _side_value_targets(batch: Batch, mask: torch.Tensor, gamma, a) -> None:
 # ----------------------------------------------------------------------------- the loss
 
 
-def assistant_turns(cfg) -> int:
+def assistant_turns(env: EnvConfig) -> int:
     """Assistant turns an episode can have: 1 for the text env, the dialog's turn count, a
     custom env's max_turns (Dr. GRPO's constant divides by rows × this × max_new_tokens)."""
-    return {"text": 1, "dialog": cfg.env.turns}.get(cfg.env.kind, cfg.env.max_turns)
+    return {"text": 1, "dialog": env.turns}.get(env.kind, env.max_turns)
 
 
 def _value_loss(model, values, mb: Batch, algo, a, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +153,7 @@ def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Te
     algo = get(a.name)
     mask = mb.action_mask
     out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=cfg.generation.temperature)
-    agg = dict(how=a.loss_agg, max_tokens=cfg.generation.max_new_tokens * assistant_turns(cfg))
+    agg = dict(how=a.loss_agg, max_tokens=cfg.generation.max_new_tokens * assistant_turns(cfg.env))
     is_w = losses.truncated_is_weights(mb.logprobs, mb.rollout_logprobs, cfg.rollout.is_cap, mask)
     clip_hi = a.clip_range_high if a.clip_range_high is not None else a.clip_range
     if algo.loss == "pg":

@@ -83,8 +83,8 @@ class Trainer:
         self.rows = train_rows
         self.dist = dist
         self.env = env or make_env(cfg, model)
-        self.opt = build_optimizer(model, cfg)
-        self.sched = build_scheduler(self.opt, cfg)
+        self.opt = build_optimizer(model, cfg.train)
+        self.sched = build_scheduler(self.opt, cfg.train)
         k = cfg.kl
         self.kl_ctl = KLController(k.coef, k.target if k.adaptive else None, k.horizon)
         # rows that stand for seeds (an environment without data) are taken in order: a counter
@@ -260,7 +260,7 @@ class Trainer:
             batch.ref_logprobs = self.model.reference_logprobs(
                 batch.input_ids, batch.attention_mask, batch.n_actions, cfg.generation.temperature
             )
-        if wants_recompute(cfg, self.model):
+        if wants_recompute(cfg.rollout, self.model):
             recompute_logprobs(self.model, batch, cfg.generation.temperature)
         beta = self.kl_ctl.value
         add_token_rewards(batch, cfg, beta)

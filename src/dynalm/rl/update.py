@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config import Config
+from ..config import Config, RolloutConfig, TrainConfig
 from ..distributed import Dist
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
@@ -47,8 +47,8 @@ def recompute_logprobs(model: PolicyValueModel, batch: Batch, temperature: float
         batch.values = out.values * mask
 
 
-def wants_recompute(cfg: Config, model: PolicyValueModel) -> bool:
-    r = cfg.rollout.recompute_logprobs
+def wants_recompute(rollout: RolloutConfig, model: PolicyValueModel) -> bool:
+    r = rollout.recompute_logprobs
     return r if r is not None else model.device.type == "cuda"
 
 
@@ -84,8 +84,7 @@ class PromptSampler:
         self._order = self._make_order()
 
 
-def build_optimizer(model: PolicyValueModel, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
+def build_optimizer(model: PolicyValueModel, t: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": model.policy_parameters(), "lr": t.learning_rate}]
     if model.value_head is not None:
         groups.append({"params": model.value_parameters(), "lr": t.value_learning_rate or t.learning_rate})
@@ -94,8 +93,8 @@ def build_optimizer(model: PolicyValueModel, cfg: Config) -> torch.optim.Optimiz
     return torch.optim.Adam(groups, betas=tuple(t.adam_betas))
 
 
-def build_scheduler(opt, cfg: Config):
-    w = cfg.train.warmup_steps
+def build_scheduler(opt, t: TrainConfig):
+    w = t.warmup_steps
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
 
 
@@ -166,7 +165,7 @@ def update(
         if len(ids):
             (loss if world.world_size == 1 else loss * (float(n_local) / n_global)).backward()
         world.sync_grads(params)
-        gnorm = _clip_and_step(model, opt, cfg, step)
+        gnorm = _clip_and_step(model, opt, a.max_grad_norm, step)
         glob["grad_norm"] = float(gnorm)
         for k in _LOGGED:
             sums[k] = sums.get(k, 0.0) + glob[k]
@@ -190,22 +189,21 @@ class _One:
         pass
 
 
-def _clip_and_step(model: PolicyValueModel, opt, cfg: Config, step: int) -> torch.Tensor:
+def _clip_and_step(model: PolicyValueModel, opt, max_grad_norm: float | None, step: int) -> torch.Tensor:
     """Clip the gradients, check them, take the optimizer step; returns the policy's grad norm.
 
     A shared critic is clipped with the policy (one loss, one trunk); a detached side
     critic, or one with a trunk of its own, on its own, so the policy's step does not
     depend on the critic's gradient.
     """
-    a = cfg.algorithm
     apart = model.value_detached or getattr(model, "critic_kind", "head") != "head"  # no shared trunk
     groups = [model.policy_parameters(), model.value_parameters()] if apart else [
         [p for g in opt.param_groups for p in g["params"]]
     ]
     norms = []
     for params in groups:
-        if a.max_grad_norm is not None:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
+        if max_grad_norm is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
         else:
             norms.append(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
     gnorm = norms[0]
