@@ -54,7 +54,9 @@ def build_cfg(work: dict, algo: str, out: Path):
         "log": {"samples_every": 10**6, "checkpoint_every": 10**6, "tensorboard": False},
         "eval": {"enabled": False},
     }
-    return build_config(raw)
+    from dynalm.config import deep_merge, parse_set
+
+    return build_config(deep_merge(raw, parse_set(work.get("dynalm_set"))))  # perf.py --dynalm-set
 
 
 def main() -> None:

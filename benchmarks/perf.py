@@ -178,7 +178,7 @@ def make_work(algo: str, seed: int, a, model_dir: str, tok, rows: list[dict], ta
         "algo": algo, "seed": seed, "threads": a.threads, "lr": a.lr, "batch": BATCH, "max_new_tokens": MAX_NEW_TOKENS,
         "model_name": MODEL, "model_dir": model_dir, "data": DATA, "template": TEMPLATE,
         "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_targets": targets,
-        "grpo": GRPO, "ppo": PPO, "steps": steps, "check": check,
+        "grpo": GRPO, "ppo": PPO, "steps": steps, "check": check, "dynalm_set": list(a.dynalm_set),
     }
 
 
@@ -518,6 +518,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on every side")
     ap.add_argument("--lr", type=float, default=3e-4, help="learning rate on every side")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for perf.json and perf.md")
+    ap.add_argument("--dynalm-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for dynalm's side only (e.g. train.gradient_checkpointing=true)")
     a = ap.parse_args()
     sides = [x.strip() for x in a.only.split(",") if x.strip()]
     bad = [x for x in sides if x not in SIDES]
@@ -591,6 +593,7 @@ def main() -> None:
             ("--steps", a.steps, 10), ("--seeds", a.seeds, 3), ("--only", a.only, ",".join(SIDES)),
             ("--threads", a.threads, os.cpu_count() or 1), ("--lr", a.lr, 3e-4), ("--out", a.out, str(HERE / "results"))]
         if val != default).strip()
+    flags += "".join(f" --dynalm-set {x}" for x in a.dynalm_set)
     if os.environ.get("MAKELEVEL"):
         cmd = f'make bench BENCH_ARGS="{flags}"' if flags else "make bench"
     else:
