@@ -449,3 +449,30 @@ def test_leaves_add_the_runs_per_token_rewards_on_one_scale(tiny_llama, prompts_
     assert path_reward_for(cfg_g, model) == PathReward(0.0, 0.3)
     cfg_k = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "a2c"}, planner={"kl_coef": 0.7}))
     assert path_reward_for(cfg_k, model) == PathReward(0.7, 0.0)
+
+
+def test_rollouts_on_the_fast_decoder_build_the_same_tree(tiny_llama, prompts_file):
+    """planner.leaf=rollout with generation.fast_decode: the rollout chains run on one static
+    cache; the tree (tokens, priors, visits, per-node K/V) equals the transformers path's."""
+    from dynalm.models.fastdecode import decoder_for
+
+    trees, folded = {}, {}
+    for fast in (True, False):
+        cfg, model, env = _setup(
+            tiny_llama, prompts_file, generation={"max_new_tokens": 6, "stop_at_eos": False, "fast_decode": fast},
+            model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2},
+        )
+        pc = PlannerConfig(name="mcts", leaf="rollout", simulations=6, top_k=5, c_puct=1.0, seed=1)
+        tree, _ = _searched(model, env, cfg, pc)
+        trees[fast] = tree
+        folded[fast] = decoder_for(model, model.lm)._layers
+    assert folded[True] and not folded[False]  # the fast side ran on the fast decoder, the other did not
+    a, b = list(_walk(trees[True].root)), list(_walk(trees[False].root))
+    assert [(n.token, n.depth, n.visits) for n in a] == [(n.token, n.depth, n.visits) for n in b]
+    assert all(math.isclose(x.prior, y.prior, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(a, b))
+    assert math.isclose(trees[True].root.value_sum, trees[False].root.value_sum, rel_tol=1e-6)
+    assert trees[True].forward_passes == trees[False].forward_passes
+    for x, y in zip(a, b):
+        if x.kv is not None:
+            assert all(torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+                       for (k1, v1), (k2, v2) in zip(x.kv, y.kv))

@@ -51,6 +51,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import UserError
+from ..models.fastdecode import decoder_for
 from ..models.generation import stop_ids
 from ..rl.algorithms import ALGORITHMS
 from . import kv as kvx
@@ -215,8 +216,30 @@ class TokenMCTS:
         in the tree as a chain and later simulations branch off it for free. Returns the chain
         below `node`; each of its nodes keeps the rollout's score as its own value."""
         start, path, chain = node, self._path(node), []
+        fast = self._fast_rollout_decoder()
+        if fast is not None:  # the chain's forwards on one static cache (fastdecode.py)
+            prefix = kvx.join(self.root_kv, [n.kv for n in path[:-1]])
+            L = kvx.length(prefix)
+            total = L + self.gen.max_new_tokens - node.depth + 1
+            cache = []
+            for k, v in prefix:
+                K, V = k.new_empty((*k.shape[:2], total, k.shape[-1])), v.new_empty((*v.shape[:2], total, v.shape[-1]))
+                K[:, :, :L].copy_(k)
+                V[:, :, :L].copy_(v)
+                cache.append((K, V))
+        t = L if fast is not None else 0
         while not node.terminal:
-            self._expand(node, path)
+            if fast is None:
+                self._expand(node, path)
+            else:
+                dev = self.prompt_ids.device
+                keep = torch.ones((1, t + 1), dtype=torch.bool, device=dev)
+                with self.model.autocast():
+                    hidden = fast.step(torch.tensor([node.token], device=dev), torch.tensor([t], device=dev), keep, cache, t)
+                node.kv = [(K[:, :, t : t + 1].clone(), V[:, :, t : t + 1].clone()) for K, V in cache]
+                self.forward_passes += 1
+                self._add_children(node, fast.logits(hidden)[0], None)
+                t += 1
             weights = [c.prior for c in node.children]
             node = self.rng.choices(node.children, weights=weights)[0]
             path.append(node)
@@ -225,6 +248,16 @@ class TokenMCTS:
         for n in [start, *chain]:
             n.value = value
         return chain
+
+    def _fast_rollout_decoder(self):
+        """The fast decode step for rollouts (generation.fast_decode, a supported model, no
+        per-token reference term: the reference would need the other folding); else None."""
+        if not (self.gen.fast_decode and not self.use_kl):
+            return None
+        fast = decoder_for(self.model, self.model.lm)
+        if fast is not None:
+            fast.refresh(adapters_on=True)
+        return fast
 
     def _expand(self, node: Node, path: list[Node]):
         """One incremental forward of the node's token over root + ancestors' K/V: adds its
