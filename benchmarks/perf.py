@@ -329,6 +329,7 @@ def ratios(summary: dict) -> dict:
 
 
 def check_targets(summary: dict, n: dict, peak: float, bw: float) -> list[dict]:
+    """Issue 16's targets (issue 7 had 40 %, 50 % and 3 GB; the s/step ratio is in the ratios table)."""
     rows = []
     for algo in ("ppo", "grpo"):
         s = summary.get(f"dynalm-{algo}")
@@ -336,14 +337,14 @@ def check_targets(summary: dict, n: dict, peak: float, bw: float) -> list[dict]:
             continue
         if "update_mfu" in s:
             m = s["update_mfu"]["mfu"]
-            rows.append({"target": f"dynalm {algo} update ≥ 40% of the float32 matmul peak (MFU)", "value": f"{m:.1%}", "met": m >= 0.40})
+            rows.append({"target": f"dynalm {algo} update ≥ 60% of the float32 matmul peak (MFU)", "value": f"{m:.1%}", "met": m >= 0.60})
         if "generation_bound" in s:
             e = s["generation_bound"]["efficiency"]
-            rows.append({"target": f"dynalm {algo} generation ≥ 50% of its bound", "value": f"{e:.1%}", "met": e >= 0.50})
+            rows.append({"target": f"dynalm {algo} generation ≥ 70% of its bound", "value": f"{e:.1%}", "met": e >= 0.70})
     s = summary.get("dynalm-ppo")
     if s:
         gb = s["peak_rss_mb"] * 2**20 / 1e9
-        rows.append({"target": "dynalm ppo (SmolLM2-135M + LoRA) peak memory ≤ 3 GB", "met": gb <= 3.0,
+        rows.append({"target": "dynalm ppo (SmolLM2-135M + LoRA) peak memory ≤ 2.5 GB", "met": gb <= 2.5,
                      "value": f"{gb:.2f} GB ({s['peak_rss_mb'] / 1024:.2f} GiB) peak RSS"})
     return rows
 
@@ -489,7 +490,8 @@ SETTINGS = [
     "dynalm's ppo puts a linear value head on the policy's trunk and reads values during sampling. TRL's PPO computes "
     "the LM head over every position in its reference and update forwards; dynalm only over the completion. TRL's PPO clips no gradient "
     "norm (dynalm: 1.0). TRL's PPO keeps generating to 48 tokens only as long as some row is unfinished, as dynalm does.",
-    "Gradient checkpointing is off on both (TRL's config default is on; dynalm keeps activations).",
+    "Gradient checkpointing is off on both (TRL's config default is on; dynalm keeps activations), unless "
+    "dynalm's side has `--dynalm-set` overrides (listed under Command).",
     "Timing: dynalm's phases are its own metrics (time/rollout, time/reward, time/reference, time/update); TRL's come "
     "from wrapping its functions (GRPOTrainer._generate, ._calculate_rewards, no-grad ._get_per_token_logps_and_entropies; "
     "PPO's batch_generation, get_reward, no-grad forward), with step ends from TrainerCallback.on_step_end. On every side "

@@ -252,3 +252,12 @@ def test_adapter_critic_with_popart_trains_resumes_and_exports(tiny_llama, promp
     assert torch.allclose(folded.squeeze(-1), v, atol=1e-5)
     critic = load_file(str(run / "export" / "critic.safetensors"))
     assert critic and all(".critic." in k for k in critic)
+
+
+def test_checkpointing_is_refused_with_an_adapter_critic(tiny_llama, prompts_file):
+    # the backward's recompute of the critic's layers would run with the policy's adapter active
+    with pytest.raises(UserError) as e:
+        _model(tiny_llama, prompts_file, model={"critic": "adapter"}, algorithm={"name": "ppo"},
+               train={"gradient_checkpointing": True})
+    assert str(e.value) == ("train.gradient_checkpointing does not work with model.critic: adapter "
+                            "(use model.critic: head or model, or set train.gradient_checkpointing: false)")

@@ -151,8 +151,8 @@ def sample(
                     logits, v = logits[inv], (v[inv] if v is not None else None)
                     if fast is not None:
                         past = fast.start(past, P + T, rows=inv)
-                    else:
-                        past.batch_select_indices(inv)
+                    elif T > 1:  # every cache layer type (linear-attention states too) implements reorder_cache
+                        past.reorder_cache(inv)
                 elif fast is not None and t > 0:  # the one-token steps: folded weights, static cache
                     with model.autocast():
                         hidden = fast.step(cur_ids[:, 0], cur_pos[:, 0], attn[:, : P + t].bool(), past, P + t - 1)

@@ -120,6 +120,11 @@ class PolicyValueModel(nn.Module):
         """Activation checkpointing per decoder layer in every trained LM (transformers' own,
         non-reentrant, so frozen inputs need no requires_grad); only while training: sampling
         and no-grad passes run the model in eval mode, where it is off."""
+        if self.critic_kind == "adapter":
+            # the backward's recompute would run after the critic's pass has switched the
+            # adapter back: the critic's layers would be recomputed with the policy's adapter
+            raise UserError("train.gradient_checkpointing does not work with model.critic: adapter",
+                            "use model.critic: head or model, or set train.gradient_checkpointing: false")
         for lm in (self.lm, self.critic_lm):
             if lm is not None:
                 base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
