@@ -70,6 +70,23 @@ def _sources(m) -> list[torch.Tensor]:
     return [m.base_layer.weight, *(m.lora_A[a].weight for a in m.lora_A), *(m.lora_B[a].weight for a in m.lora_B)]
 
 
+def static_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], total: int, rows: torch.Tensor | None = None):
+    """Per layer (K, V) buffers [B, kv heads, total, head dim] whose first L slots hold the
+    given [B, kv heads, L, head dim] keys and values (rows `rows` of them, when given); the
+    decode step writes slot L onwards in place."""
+    cache = []
+    for k, v in kv:
+        if rows is not None:
+            k, v = k[rows], v[rows]
+        B, H, L, D = k.shape
+        K = k.new_empty((B, H, total, D))
+        V = v.new_empty((B, H, total, D))
+        K[:, :, :L].copy_(k)
+        V[:, :, :L].copy_(v)
+        cache.append((K, V))
+    return cache
+
+
 class FastDecoder:
     """Folded weights of one LM (policy or reference view) and the static-cache decode step."""
 
@@ -119,18 +136,7 @@ class FastDecoder:
     def start(self, past, total: int, rows: torch.Tensor | None = None):
         """Static KV buffers [B, kv heads, total, head dim] per layer, holding the prefill's cache
         (row i of the buffers takes the prefill's row rows[i] when `rows` is given)."""
-        cache = []
-        for layer in past.layers:
-            k, v = layer.keys, layer.values
-            if rows is not None:
-                k, v = k[rows], v[rows]
-            B, H, L, D = k.shape
-            K = k.new_empty((B, H, total, D))
-            V = v.new_empty((B, H, total, D))
-            K[:, :, :L].copy_(k)
-            V[:, :, :L].copy_(v)
-            cache.append((K, V))
-        return cache
+        return static_cache([(layer.keys, layer.values) for layer in past.layers], total, rows)
 
     def _norm(self, x, w):
         return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

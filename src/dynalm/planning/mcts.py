@@ -51,7 +51,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import UserError
-from ..models.fastdecode import decoder_for
+from ..models.fastdecode import decoder_for, static_cache
 from ..models.generation import stop_ids
 from ..rl.algorithms import ALGORITHMS
 from . import kv as kvx
@@ -137,6 +137,11 @@ class TokenMCTS:
         self.committed: list[int] = []  # tokens emitted so far (the path from the prompt to the root)
         # The prompt: one prefill with the policy (and the reference for the KL term).
         self.rollout = cfg.leaf == "rollout"
+        # Rollouts on the fast decode step (generation.fast_decode, a supported model), unless a
+        # per-token reference term needs the reference's forwards too (the other folding).
+        self.fast_rollouts = decoder_for(model, model.lm) if self.rollout and gen.fast_decode and not self.use_kl else None
+        if self.fast_rollouts is not None:
+            self.fast_rollouts.refresh(adapters_on=True)  # the weights do not change during a search
         self.want_values = cfg.leaf in ("value", "mean")
         # A head on the policy's trunk reads V off the policy's own forward; a critic with its
         # own trunk (model.critic: adapter | model) runs one pass of its own over the node's text.
@@ -216,23 +221,15 @@ class TokenMCTS:
         in the tree as a chain and later simulations branch off it for free. Returns the chain
         below `node`; each of its nodes keeps the rollout's score as its own value."""
         start, path, chain = node, self._path(node), []
-        fast = self._fast_rollout_decoder()
+        fast, dev = self.fast_rollouts, self.prompt_ids.device
         if fast is not None:  # the chain's forwards on one static cache (fastdecode.py)
             prefix = kvx.join(self.root_kv, [n.kv for n in path[:-1]])
-            L = kvx.length(prefix)
-            total = L + self.gen.max_new_tokens - node.depth + 1
-            cache = []
-            for k, v in prefix:
-                K, V = k.new_empty((*k.shape[:2], total, k.shape[-1])), v.new_empty((*v.shape[:2], total, v.shape[-1]))
-                K[:, :, :L].copy_(k)
-                V[:, :, :L].copy_(v)
-                cache.append((K, V))
-        t = L if fast is not None else 0
+            t = kvx.length(prefix)
+            cache = static_cache(prefix, t + self.gen.max_new_tokens - node.depth + 1)
         while not node.terminal:
             if fast is None:
                 self._expand(node, path)
             else:
-                dev = self.prompt_ids.device
                 keep = torch.ones((1, t + 1), dtype=torch.bool, device=dev)
                 with self.model.autocast():
                     hidden = fast.step(torch.tensor([node.token], device=dev), torch.tensor([t], device=dev), keep, cache, t)
@@ -248,16 +245,6 @@ class TokenMCTS:
         for n in [start, *chain]:
             n.value = value
         return chain
-
-    def _fast_rollout_decoder(self):
-        """The fast decode step for rollouts (generation.fast_decode, a supported model, no
-        per-token reference term: the reference would need the other folding); else None."""
-        if not (self.gen.fast_decode and not self.use_kl):
-            return None
-        fast = decoder_for(self.model, self.model.lm)
-        if fast is not None:
-            fast.refresh(adapters_on=True)
-        return fast
 
     def _expand(self, node: Node, path: list[Node]):
         """One incremental forward of the node's token over root + ancestors' K/V: adds its
