@@ -476,3 +476,84 @@ def test_rollouts_on_the_fast_decoder_build_the_same_tree(tiny_llama, prompts_fi
         if x.kv is not None:
             assert all(torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
                        for (k1, v1), (k2, v2) in zip(x.kv, y.kv))
+
+
+@pytest.mark.parametrize("leaf", ["value", "rollout"])
+def test_batched_waves_expand_nodes_as_full_forwards_do(leaf, tiny_llama, prompts_file):
+    """planner.batch_leaves: leaves chosen under virtual loss are expanded in one left-padded
+    batched step (rollouts: one step per token for the whole wave); every expanded node's
+    priors, value and K/V equal a batch-1 full forward over its own prefix, the virtual
+    losses are all taken back, and the batched step did run."""
+    from dynalm.models.fastdecode import decoder_for
+
+    rollout = leaf == "rollout"
+    cfg, model, env = _setup(
+        tiny_llama, prompts_file, perturb=True, generation={"max_new_tokens": 5, "stop_at_eos": False},
+        model={"value_head": not rollout}, algorithm={"name": "grpo", "num_generations": 2},
+    )
+    pc = PlannerConfig(name="mcts", leaf=leaf, simulations=10, top_k=4, c_puct=1.0, batch_leaves=4)
+    fast = decoder_for(model, model.lm)
+    steps, step = [], fast.step
+    fast.step = lambda tok, *a: steps.append(tok.shape[0]) or step(tok, *a)
+    model.eval()
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    first = tree.simulate_wave(4)
+    assert first == 4
+    # the first wave took the root's four likeliest children, one each (virtual loss + in-flight skip)
+    assert [c.visits for c in tree.root.children] == [1, 1, 1, 1]
+    assert steps[0] == 4  # the wave's leaves forwarded together
+    used = first
+    while used < pc.simulations:
+        used += tree.simulate_wave(min(4, pc.simulations - used))
+    assert used == pc.simulations and tree.root.visits == pc.simulations
+    checked = 0
+    for node in _walk(tree.root):
+        assert node.virtual == [] and node.chain is None  # nothing left of the virtual losses
+        if node.visits and not node.terminal and node.children:
+            assert node.visits == sum(c.visits for c in node.children) + (0 if rollout or node is tree.root else 1)
+        if not node.children or node is tree.root:
+            continue
+        path = tree._path(node)
+        logits, v = _full(model, ids[0].tolist() + [n.token for n in path])
+        top = torch.topk(torch.log_softmax(logits, -1), pc.top_k)
+        assert [c.token for c in node.children] == top.indices.tolist()
+        assert torch.allclose(torch.tensor([c.prior for c in node.children]), torch.softmax(top.values, -1), atol=1e-5)
+        if not rollout:  # the fast step folds LoRA and fuses rms_norm: rounding differs from the full forward
+            assert math.isclose(node.value, v, rel_tol=1e-4, abs_tol=1e-4)
+        prefix = kvx.join(tree.root_kv, [n.kv for n in path[:-1]])
+        _, _, own = kvx.extend(model, model.lm, prefix, node.token, False)
+        assert all(torch.allclose(a, b, atol=1e-5) for (k1, v1), (k2, v2) in zip(node.kv, own) for a, b in ((k1, k2), (v1, v2)))
+        checked += 1
+    assert checked > pc.simulations if rollout else checked >= 4
+    assert max(steps) > 1 and len(steps) < tree.forward_passes  # batched steps, fewer than the nodes they expanded
+
+
+def test_batched_rollout_waves_back_up_each_rollout_once(tiny_llama, prompts_file):
+    """Rollout leaves in waves: every simulation is one reward of one finished text, the root's
+    Q is their mean, and `plan` emits one of the rollouts, as with one leaf at a time."""
+    seen = []
+
+    def reward(c):
+        seen.append(c)
+        return len(set(c)) / 10
+
+    cfg, model, env = _setup(
+        tiny_llama, prompts_file, reward=reward, perturb=False, generation={"max_new_tokens": 5, "stop_at_eos": False},
+        model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2},
+    )
+    pc = PlannerConfig(name="mcts", leaf="rollout", simulations=9, top_k=4, c_puct=1.0, batch_leaves=4)
+    model.eval()
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    used = 0
+    while used < pc.simulations:
+        used += tree.simulate_wave(min(4, pc.simulations - used))
+    finished = [n for n in _walk(tree.root) if n.terminal and n.visits]
+    assert tree.reward_calls == len(seen) == len(finished)
+    assert tree.root.visits == pc.simulations
+    assert math.isclose(tree.root.value_sum, sum(n.value_sum for n in finished), abs_tol=1e-9)
+    assert math.isclose(tree.root.value_sum, sum(n.visits * n.value for n in finished), abs_tol=1e-9)
+    res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
+    assert sum(res.search[0][0].visits.values()) == pc.simulations
+    assert res.completions[0] in seen[-res.reward_calls:]

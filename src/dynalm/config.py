@@ -369,6 +369,10 @@ class PlannerConfig(_Section):
         "reward", description="best-of-n: rank candidates by the reward functions, or by the value head alone (no reward call)."
     )
     simulations: int = Field(10, ge=1, description="mcts: simulations (≈ one forward each) before each emitted token.")
+    batch_leaves: int = Field(
+        1, ge=1, description="mcts: leaves chosen per wave under virtual loss and evaluated in one batched forward (on "
+        "generation.fast_decode's path; rollout leaves roll out together). 1 = one simulation at a time."
+    )
     top_k: int = Field(10, ge=1, description="mcts: children per node — the policy's k likeliest tokens, priors renormalised.")
     c_puct: float = Field(8.0, ge=0, description="mcts: exploration weight in PUCT, Q + c·P·sqrt(N(s))/(1+N(s,a)).")
     temperature: float = Field(

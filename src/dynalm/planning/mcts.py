@@ -39,6 +39,14 @@ already reaches the end, the search runs once, before the first token; the emitt
 then the most visited path (visit ties go to the higher Q), itself one of the rollouts.
 Cost: at most `simulations` rollouts, i.e. ≤ simulations × max_new_tokens one-token
 forwards and `simulations` reward calls per completion.
+
+`planner.batch_leaves: K` runs the simulations in waves of K (leaf parallelism with virtual
+loss, as in AlphaGo): leaves are selected one after another, each path charged a virtual
+visit at the lowest score seen so the next selection looks elsewhere, then all K are
+evaluated in one batched forward (rollouts: one batched step per token; `wave.py`) and their
+finished texts scored in one reward call. With K = 1 the search is the sequential one above;
+with K > 1 the tree differs (later leaves of a wave do not see earlier ones' scores), and a
+reward term that depends on its batch (batch_repetition) sees the wave's texts together.
 """
 
 from __future__ import annotations
@@ -53,32 +61,10 @@ from ..config import GenerationConfig
 from ..errors import UserError
 from ..models.fastdecode import decoder_for, static_cache
 from ..models.generation import stop_ids
-from ..rl.algorithms import ALGORITHMS
 from . import kv as kvx
+from . import wave
+from .pathreward import PathReward, path_reward_for  # noqa: F401  (re-exported)
 from .config import PlannerConfig
-
-
-@dataclass(frozen=True)
-class PathReward:
-    """The per-token rewards the search adds along a path: −kl_coef·(log π − log π_ref) + fluency_coef·log π_ref."""
-
-    kl_coef: float = 0.0
-    fluency_coef: float = 0.0
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.kl_coef != 0 or self.fluency_coef != 0
-
-
-def path_reward_for(cfg, model=None) -> PathReward:
-    """The run's per-token rewards (trainer.add_token_rewards): β·KL for a2c/ppo with β the
-    run's adapted value (`model.trained_beta`, else kl.coef), the environment LM's α·log P_env
-    for any algorithm; `planner.kl_coef` replaces the KL coefficient when it is set."""
-    kl = cfg.planner.kl_coef
-    if kl is None:
-        beta = getattr(model, "trained_beta", None)
-        kl = (beta if beta is not None else cfg.kl.coef) if ALGORITHMS[cfg.algorithm.name].kl == "reward" else 0.0
-    return PathReward(kl_coef=float(kl), fluency_coef=float(cfg.env.fluency_coef))
 
 
 @dataclass(eq=False, slots=True)
@@ -96,6 +82,8 @@ class Node:
     children: list["Node"] = field(default_factory=list)  # in descending prior order
     kv: kvx.KV | None = None  # K/V of `token` (policy)
     ref_kv: kvx.KV | None = None  # K/V of `token` (reference), only with per-token rewards
+    virtual: list[float] = field(default_factory=list)  # virtual losses charged in the current wave
+    chain: "list[Node] | None" = None  # a wave's rollout below this leaf, until it is backed up
 
     def q(self, default: float) -> float:
         return self.value_sum / self.visits if self.visits else default
@@ -140,8 +128,11 @@ class TokenMCTS:
         # Rollouts on the fast decode step (generation.fast_decode, a supported model), unless a
         # per-token reference term needs the reference's forwards too (the other folding).
         self.fast_rollouts = decoder_for(model, model.lm) if self.rollout and gen.fast_decode and not self.use_kl else None
-        if self.fast_rollouts is not None:
-            self.fast_rollouts.refresh(adapters_on=True)  # the weights do not change during a search
+        # planner.batch_leaves > 1: waves of leaves evaluated in one batched step (wave.py), on
+        # the fast decoder only (the transformers path evaluates a wave's leaves one by one).
+        self.fast_wave = decoder_for(model, model.lm) if cfg.batch_leaves > 1 and gen.fast_decode and not self.use_kl else None
+        for fast in {id(f): f for f in (self.fast_rollouts, self.fast_wave) if f is not None}.values():
+            fast.refresh(adapters_on=True)  # the weights do not change during a search
         self.want_values = cfg.leaf in ("value", "mean")
         # A head on the policy's trunk reads V off the policy's own forward; a critic with its
         # own trunk (model.critic: adapter | model) runs one pass of its own over the node's text.
@@ -180,20 +171,106 @@ class TokenMCTS:
             else:
                 node.value = self._evaluate(node)
             self.vmin, self.vmax = min(self.vmin, node.value), max(self.vmax, node.value)
+        self._backup(path, node.value)
+
+    def simulate_wave(self, k: int) -> int:
+        """Up to `k` simulations whose leaves are chosen one after another under virtual loss
+        and evaluated together; returns how many ran. Each selected path is charged a virtual
+        visit worth the lowest leaf score seen (0 after normalize_q; before any score, the Q
+        the node already had), so the next selection in the wave prefers other branches; the
+        charge is taken back before the real backup. Leaves already in the wave are not
+        selected again; a finished leaf scored earlier is backed up at once."""
+        pending, used, inflight = [], 0, set()
+        while used < k:
+            node, path = self.root, [self.root]
+            while node.children:
+                child = self._select(node, inflight)
+                if child is None:  # every way down from `node` ends in a leaf of this wave
+                    break
+                node = child
+                path.append(node)
+            if node.children:
+                if node is self.root:
+                    break
+                inflight.add(id(node))  # skip the exhausted subtree from above; select again
+                continue
+            if node.value is not None:  # a finished node seen before: no evaluation needed
+                self._backup(path, node.value)
+                used += 1
+                continue
+            pending.append(path)
+            inflight.add(id(node))
+            used += 1
+            for n in path[1:]:  # virtual loss
+                v = self._virtual(n)
+                n.visits += 1
+                n.value_sum += v
+        self._evaluate_wave(pending)
+        for path in pending:
+            leaf = path[-1]
+            for n in path[1:]:  # take the virtual loss back
+                n.visits -= 1
+                n.value_sum -= n.virtual.pop()
+            if self.rollout and not leaf.terminal:
+                path += leaf.chain
+                leaf.chain = None
+            value = path[-1].value
+            self.vmin, self.vmax = min(self.vmin, value), max(self.vmax, value)
+            self._backup(path, value)
+        return used
+
+    def _virtual(self, n: Node) -> float:
+        v = self.vmin if self.vmin < math.inf else n.q(n.parent.value if n.parent.value is not None else n.parent.q(0.0))
+        n.virtual.append(v)
+        return v
+
+    def _evaluate_wave(self, paths: list[list[Node]]) -> None:
+        """Score each path's leaf: batched on the fast decoder where there is one, else one by one."""
+        leaves = [p[-1] for p in paths]
+        open_ = [n for n in leaves if not n.terminal]
+        if self.fast_wave is None or not open_:
+            for n in leaves:
+                if self.rollout and not n.terminal:
+                    n.chain = self._rollout(n)
+                else:
+                    n.value = self._evaluate(n)
+            return
+        chains, values = wave.expand_batch(self, open_, rollout=self.rollout)
+        if not self.rollout and not self.own_values and self.want_values:
+            values = [self._critic_value([m.token for m in self._path(n)]) for n in open_]
+        ends = [c[-1] for c in chains] if self.rollout else []
+        finished = [n for n in leaves if n.terminal] + ends
+        scores = self._rewards([self.committed + [m.token for m in self._path(n)] for n in finished], [n.ended for n in finished])
+        for n, r in zip(finished, scores):
+            n.value = r + n.path_reward
+        for i, n in enumerate(open_):
+            if self.rollout:
+                for m in chains[i][:-1]:
+                    m.value = chains[i][-1].value
+                n.value, n.chain = chains[i][-1].value, chains[i]
+            else:
+                v = values[i] if values is not None else None
+                n.value = self._leaf_value(v, self.committed + [m.token for m in self._path(n)], n.path_reward)
+
+    def _backup(self, path: list[Node], value: float) -> None:
         for n in path:
             n.visits += 1
-            n.value_sum += node.value
+            n.value_sum += value
 
     def _norm(self, q: float) -> float:
         if not self.cfg.normalize_q or self.vmax <= self.vmin:
             return q
         return (q - self.vmin) / (self.vmax - self.vmin)
 
-    def _select(self, node: Node) -> Node:
+    def _select(self, node: Node, skip: set[int] | None = None) -> Node | None:
+        """The PUCT child of `node`; children whose ids are in `skip` (a wave's leaves in flight,
+        or subtrees with nothing left to select) are passed over (None when all are)."""
         sqrt_n = math.sqrt(sum(c.visits for c in node.children))
         default = node.value if node.value is not None else node.q(0.0)
-        best, best_score = node.children[0], -math.inf
+        best, best_score = (node.children[0] if not skip else None), -math.inf
         for c in node.children:  # strict '>' keeps ties on the higher prior
+            if skip and id(c) in skip:
+                continue
             score = self._norm(c.q(default)) + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.visits)
             if score > best_score:
                 best, best_score = c, score
@@ -296,10 +373,16 @@ class TokenMCTS:
             node.children.append(Node(tok, node, p, depth, path_reward=node.path_reward + r, terminal=terminal, ended=ended))
 
     def _reward(self, tokens: list[int], ended: bool) -> float:
-        text = decode(self.model.tokenizer, tokens, ended)
-        _, scored, _ = self.env.step([self.row], [text], [ended])
-        self.reward_calls += 1
-        return float(scored.scores[0])
+        return self._rewards([tokens], [ended])[0]
+
+    def _rewards(self, tokens: list[list[int]], ended: list[bool]) -> list[float]:
+        """The true reward of each finished text, in one call to the environment."""
+        if not tokens:
+            return []
+        texts = [decode(self.model.tokenizer, t, e) for t, e in zip(tokens, ended)]
+        _, scored, _ = self.env.step([self.row] * len(texts), texts, list(ended))
+        self.reward_calls += len(texts)
+        return [float(x) for x in scored.scores]
 
     # ------------------------------------------------------------------ moving on
     def choose(self) -> Node:
@@ -330,8 +413,13 @@ class TokenMCTS:
             # before the first token builds the whole tree; the emitted text then follows its
             # most visited path (re-searching after every token would cost `simulations`
             # rollouts per token).
-            for _ in range(0 if self.rollout and stats else self.cfg.simulations):
-                self.simulate()
+            todo = 0 if self.rollout and stats else self.cfg.simulations
+            while todo > 0:
+                if self.cfg.batch_leaves == 1:
+                    self.simulate()
+                    todo -= 1
+                else:
+                    todo -= self.simulate_wave(min(self.cfg.batch_leaves, todo))
             child = self.choose()
             stats.append(StepStats(child.token, {c.token: c.visits for c in self.root.children}, carried))
             if child.terminal:
