@@ -23,7 +23,7 @@ import torch
 from dynalm.config import build_config
 from dynalm.distributed import Dist
 from dynalm.models.policy import PolicyValueModel
-from dynalm.rl.trainer import Trainer, minibatch_loss, seed_everything
+from dynalm.rl.trainer import Trainer, loss_fn, seed_everything
 
 MODEL, OUT = sys.argv[1], sys.argv[2]
 PROMPTS = ["once the cat", "a dog sat on the mat and then", "the king", "big red tree", "small bird ran", "sun"]
@@ -79,7 +79,7 @@ def trainable(model) -> torch.Tensor:
 def first_grads(model, batch, cfg, scale: float) -> torch.Tensor:
     """Gradient of the (scaled) loss on `batch` with advantages from a 1-process `learn` prefix."""
     model.zero_grad(set_to_none=True)
-    loss, _ = minibatch_loss(model, batch, cfg, 0.0, batch.action_mask.shape[1])
+    loss, _ = loss_fn(cfg, 0.0)(model, batch, batch.action_mask.shape[1])
     (loss * scale).backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
 

@@ -135,7 +135,7 @@ def test_value_targets_by_hand(algo, adv, target, expect):
         a["num_generations"] = 2
     cfg = build_config({"algorithm": a, "model": {"value_head": True}, "train": {"batch_size": 2}})
     b = _batch([0.5, 0.2, 0.1])
-    add_advantages(b, cfg, 0.0)
+    add_advantages(b, 0.0, algorithm=cfg.algorithm, kl=cfg.kl)
     assert b.returns[0].tolist() == pytest.approx(expect)
 
 

@@ -15,7 +15,7 @@ from dynalm.rewards import dialog as dr
 from dynalm.rl import advantages as A
 from dynalm.rl import losses
 from dynalm.rl.episodes import rollout
-from dynalm.rl.trainer import add_advantages, add_token_rewards, seed_everything
+from dynalm.rl.trainer import add_token_rewards, seed_everything, shape_batch
 
 from conftest import tiny_overrides
 
@@ -156,8 +156,7 @@ def test_rollout_layout_masks_and_turn_rewards(fixture, request, dialog_rows, tu
     assert torch.allclose(full.values * m, batch.values, atol=1e-5)
     # KL and fluency live on assistant tokens only; the turn rewards sit where the env put them
     batch.ref_logprobs = model.reference_logprobs(batch.input_ids, batch.attention_mask, T)
-    cfg_f = cfg.model_copy(update={"env": cfg.env.model_copy(update={"fluency_coef": 0.1})})
-    add_token_rewards(batch, cfg_f, beta=0.5)
+    add_token_rewards(batch, 0.5, algorithm=cfg.algorithm, kl=cfg.kl, fluency_coef=0.1, max_new_tokens=cfg.generation.max_new_tokens)
     assert torch.all(batch.rewards[m == 0] == 0)
     kl = batch.logprobs - batch.ref_logprobs
     expect = (-0.5 * kl + 0.1 * batch.ref_logprobs) * m + batch.turn_scores
@@ -218,8 +217,7 @@ def test_user_tokens_get_exactly_zero_gradient(algo, tiny_llama, dialog_rows, tu
     batch, _ = _rollout(cfg, model, env, n=2)
     T = batch.n_actions
     batch.ref_logprobs = model.reference_logprobs(batch.input_ids, batch.attention_mask, T)
-    add_token_rewards(batch, cfg, 0.1)
-    add_advantages(batch, cfg, 0.1)
+    shape_batch(batch, cfg, 0.1)
     m = batch.action_mask
     assert torch.all(batch.advantages[m == 0] == 0)
     if algo == "grpo":  # one advantage per episode, on its assistant tokens

@@ -48,7 +48,8 @@ def _model(model_dir, prompts_file, fast: bool, **extra):
         for n, p in model.lm.named_parameters():
             if "lora_B" in n:
                 p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-        model.value_head.weight.normal_(generator=torch.Generator().manual_seed(2))
+        # values of the order of a reward (|V| ≲ 2): float32 rounding is relative, and the 1e-5 below is meant for that scale
+        model.value_head.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
     return cfg, model
 
 

@@ -435,7 +435,8 @@ def test_leaves_add_the_runs_per_token_rewards_on_one_scale(tiny_llama, prompts_
                       prompts=[""], completions=[""], group=torch.zeros(1), ended=torch.zeros(1, dtype=torch.bool))
         batch.ref_logprobs = model.reference_logprobs(full, torch.ones_like(full), k)
         batch.scores = torch.zeros(1)
-        add_token_rewards(batch, cfg, 0.25)
+        add_token_rewards(batch, 0.25, algorithm=cfg.algorithm, kl=cfg.kl, fluency_coef=cfg.env.fluency_coef,
+                          max_new_tokens=cfg.generation.max_new_tokens)
         assert abs(leaf.path_reward - float(batch.rewards.sum())) < 1e-4  # the trainer's own per-token rewards
         assert abs(leaf.path_reward) > 1e-2
         if leaf.terminal:

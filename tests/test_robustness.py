@@ -222,18 +222,18 @@ def test_nan_gradient_before_any_checkpoint(setup, tmp_path, monkeypatch, capsys
 
 
 def test_nonfinite_token_reward_stops(setup, tmp_path, monkeypatch, capsys):
-    from dynalm.rl import trainer as trainer_mod
+    from dynalm.rl import objectives
 
-    real = trainer_mod.add_token_rewards
+    real = objectives.add_token_rewards
     calls = {"n": 0}
 
-    def fake(batch, cfg, beta):
-        real(batch, cfg, beta)
+    def fake(batch, beta, **sections):
+        real(batch, beta, **sections)
         calls["n"] += 1
         if calls["n"] == 2:
             batch.rewards[0, 0] = float("inf")
 
-    monkeypatch.setattr(trainer_mod, "add_token_rewards", fake)
+    monkeypatch.setattr(objectives, "add_token_rewards", fake)
     run = tmp_path / "run"
     assert main(["train", "-c", str(_cfg_file(setup, tmp_path)), "--out", str(run)]) == 2
     assert capsys.readouterr().err == (

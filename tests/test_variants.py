@@ -84,10 +84,10 @@ def test_reinforce_pp_whitens_returns_to_go_over_the_batch(tiny_llama, prompts_f
     ref = torch.tensor([[-2.0, -2.0, -1.5], [-1.0, -3.0, 0.0]])
     b = _batch(lp, ref, mask, [1.0, 0.0], [0, 1])
     beta = 0.1
-    add_token_rewards(b, cfg, beta)
+    add_token_rewards(b, beta, algorithm=cfg.algorithm, kl=cfg.kl, max_new_tokens=cfg.generation.max_new_tokens)
     r = torch.tensor([[-0.1, 0.0, -0.05 + 1.0], [0.0, -0.2 + 0.0, 0.0]])  # −β·(lp − ref), score on the last token
     assert torch.allclose(b.rewards, r, atol=1e-6)
-    add_advantages(b, cfg, beta)
+    add_advantages(b, beta, algorithm=cfg.algorithm, kl=cfg.kl)
     g = [0.85, 0.95, 0.95, -0.2, -0.2]  # returns-to-go (γ = 1) of the five action tokens
     mean = sum(g) / 5
     sd = math.sqrt(sum((x - mean) ** 2 for x in g) / 4)

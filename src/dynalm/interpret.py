@@ -22,9 +22,9 @@ from .rl.episodes import rollout
 def token_batch(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: int = 0, beta: float | None = None):
     """A training batch for `rows`, scored, with the per-token rewards and advantages the
     update would use: each row rolled out `algorithm.num_generations` times as one group,
-    then the trainer's own `add_token_rewards` and `add_advantages` with β = `beta` (the
+    then the trainer's own `shape_batch` (add_token_rewards, add_advantages) with β = `beta` (the
     run's adapted β; default: the model's `trained_beta`, else kl.coef) — group baselines, whitening and all."""
-    from .rl.objectives import add_advantages, add_token_rewards
+    from .rl.objectives import shape_batch
 
     if beta is None:
         beta = model.trained_beta if model.trained_beta is not None else cfg.kl.coef
@@ -37,8 +37,7 @@ def token_batch(model: PolicyValueModel, rows: list[dict], cfg: Config, seed: in
                           prompt_field=cfg.data.prompt_field, generator=gen)
     T = batch.n_actions
     batch.ref_logprobs = model.reference_logprobs(batch.input_ids, batch.attention_mask, T, cfg.generation.temperature)
-    add_token_rewards(batch, cfg, beta)
-    add_advantages(batch, cfg, beta)
+    shape_batch(batch, cfg, beta)
     return batch
 
 

@@ -6,9 +6,11 @@ all call these, so the β and the advantages they show are the trainer's own.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from ..config import EnvConfig
+from ..config import AlgorithmConfig, Config, EnvConfig, KLConfig
 from ..distributed import Dist, global_masked_mean, global_masked_var
 from . import advantages as adv_mod
 from . import losses
@@ -19,25 +21,29 @@ from .batch import Batch
 # ----------------------------------------------------------------------------- reward shaping
 
 
-def add_token_rewards(batch: Batch, cfg, beta: float) -> None:
-    """r_t = −β·KL_t (algorithms with KL in the reward) + α·log P_env(a_t|s_t), plus the
-    sequence score on the last token (multi-turn: each turn's score on that turn's last
-    token). Action tokens only."""
+def add_token_rewards(
+    batch: Batch, beta: float, *, algorithm: AlgorithmConfig, kl: KLConfig, fluency_coef: float = 0.0,
+    max_new_tokens: int,
+) -> None:
+    """r_t = −β·KL_t (algorithms with KL in the reward) + α·log P_env(a_t|s_t) (α =
+    `fluency_coef`, env.fluency_coef), plus the sequence score on the last token
+    (multi-turn: each turn's score on that turn's last token) and DAPO's overlong penalty
+    (measured against `max_new_tokens`). Action tokens only."""
+    a = algorithm
     mask = batch.action_mask
-    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
+    kl_t = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, kl.estimator, mask) * mask
     rewards = torch.zeros_like(mask)
-    if get(cfg.algorithm.name).kl == "reward":
+    if get(a.name).kl == "reward":
         rewards = rewards - beta * kl_t
-    if cfg.env.fluency_coef:
-        rewards = rewards + cfg.env.fluency_coef * batch.ref_logprobs * mask
+    if fluency_coef:
+        rewards = rewards + fluency_coef * batch.ref_logprobs * mask
     if batch.turn_scores is not None:  # multi-turn: the env placed each turn's score
         rewards = rewards + batch.turn_scores
     else:
         last = (batch.lengths.long() - 1).clamp(min=0)
         rewards[torch.arange(len(batch)), last] += batch.scores
-        a = cfg.algorithm
         if a.overlong_buffer:
-            pen = overlong_penalty(batch.lengths, cfg.generation.max_new_tokens, a.overlong_buffer, a.overlong_coef)
+            pen = overlong_penalty(batch.lengths, max_new_tokens, a.overlong_buffer, a.overlong_coef)
             rewards[torch.arange(len(batch)), last] += pen
             batch.reward_terms["overlong"] = pen.detach().cpu()
     batch.rewards = rewards * mask
@@ -56,9 +62,14 @@ def zero_std_groups(scores: torch.Tensor, group: torch.Tensor) -> float:
     return len(adv_mod.flat_groups(scores, group)) / max(len(group.unique()), 1)
 
 
-def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> None:
-    """Advantages and value targets per the algorithm's entry (see the module docstring)."""
-    a = cfg.algorithm
+def add_advantages(
+    batch: Batch, beta: float, *, algorithm: AlgorithmConfig, kl: KLConfig, turn_gamma: float = 1.0,
+    dist: Dist | None = None,
+) -> None:
+    """Advantages and value targets per the algorithm's entry (see the module docstring);
+    `turn_gamma` (env.turn_gamma) discounts between turns of a multi-turn episode; with
+    `dist`, whitening uses the whole data-parallel batch's moments."""
+    a = algorithm
     algo = get(a.name)
     mask = batch.action_mask
     # Multi-turn: γ between turns is env.turn_gamma (a per-position γ over the action
@@ -66,8 +77,8 @@ def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> 
     gamma = a.gamma
     weights = None
     if batch.turn_ids is not None:
-        gamma = adv_mod.turn_discounts(batch.turn_ids, mask, a.gamma, cfg.env.turn_gamma)
-        weights = cfg.env.turn_gamma ** batch.turn_ids.clamp(min=0).to(mask.dtype)
+        gamma = adv_mod.turn_discounts(batch.turn_ids, mask, a.gamma, turn_gamma)
+        weights = turn_gamma ** batch.turn_ids.clamp(min=0).to(mask.dtype)
     if algo.advantage == "critic":
         if (a.advantage or algo.default_advantage) == "td":
             batch.advantages, batch.returns = adv_mod.td0(batch.rewards, batch.values, mask, gamma)
@@ -84,7 +95,7 @@ def add_advantages(batch: Batch, cfg, beta: float, dist: Dist | None = None) -> 
         # Critic-free: one number per sequence (multi-turn: per episode), spread over its action tokens.
         seq = batch.rewards.sum(-1) if weights is None else (batch.rewards * weights).sum(-1)
         if algo.kl == "sequence":
-            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl.estimator, mask) * mask
+            kl_tok = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, kl.estimator, mask) * mask
             seq = seq - beta * (kl_tok.sum(-1) if weights is None else (kl_tok * weights).sum(-1))
         if algo.advantage == "loo":
             per_seq = adv_mod.leave_one_out_advantages(seq, batch.group)
@@ -134,10 +145,10 @@ def _value_loss(model, values, mb: Batch, algo, a, mask) -> tuple[torch.Tensor, 
     return vl, vclip
 
 
-def critic_loss(model, mb: Batch, cfg, T: int) -> tuple[torch.Tensor, dict]:
+def critic_loss(model, mb: Batch, T: int, *, algorithm: AlgorithmConfig) -> tuple[torch.Tensor, dict]:
     """The critic's loss alone (algorithm.value_warmup_steps): the policy's trunk is read
     without gradient, so only the critic moves."""
-    a = cfg.algorithm
+    a = algorithm
     mask = mb.action_mask
     values = model.critic_values(mb.input_ids, mb.attention_mask, T, detach_trunk=model.critic_kind == "head")
     vl, vclip = _value_loss(model, values, mb, get(a.name), a, mask)
@@ -146,15 +157,21 @@ def critic_loss(model, mb: Batch, cfg, T: int) -> tuple[torch.Tensor, dict]:
     return a.vf_coef * vl, parts
 
 
-def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Tensor, dict]:
+def minibatch_loss(
+    model, mb: Batch, T: int, *, algorithm: AlgorithmConfig, beta: float, temperature: float, max_tokens: int,
+    is_cap: float | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The loss of one minibatch and its parts, per the algorithm's entry and the variants
-    of `algorithm` (loss_agg, clip_range_high, importance_sampling) and `rollout.is_cap`."""
-    a = cfg.algorithm
+    of `algorithm` (loss_agg, clip_range_high, importance_sampling). `temperature` is the
+    sampling temperature the log-probs are taken at; `max_tokens` the most action tokens a
+    row can hold (Dr. GRPO's constant normaliser: max_new_tokens × assistant turns, see
+    `assistant_turns`); `is_cap` is rollout.is_cap (truncated importance sampling)."""
+    a = algorithm
     algo = get(a.name)
     mask = mb.action_mask
-    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=cfg.generation.temperature)
-    agg = dict(how=a.loss_agg, max_tokens=cfg.generation.max_new_tokens * assistant_turns(cfg.env))
-    is_w = losses.truncated_is_weights(mb.logprobs, mb.rollout_logprobs, cfg.rollout.is_cap, mask)
+    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=temperature)
+    agg = dict(how=a.loss_agg, max_tokens=max_tokens)
+    is_w = losses.truncated_is_weights(mb.logprobs, mb.rollout_logprobs, is_cap, mask)
     clip_hi = a.clip_range_high if a.clip_range_high is not None else a.clip_range
     if algo.loss == "pg":
         pl = losses.a2c_policy_loss(out.logprobs, mb.advantages, mask, **agg, weights=is_w)
@@ -188,3 +205,26 @@ def minibatch_loss(model, mb: Batch, cfg, beta: float, T: int) -> tuple[torch.Te
         "kl_loss": kl_loss,
     }
     return loss, parts
+
+
+# ----------------------------------------------------------------------------- bound to a run's config
+
+
+def shape_batch(batch: Batch, cfg: Config, beta: float, dist: Dist | None = None) -> None:
+    """The step's per-token rewards and advantages (objectives.add_token_rewards, then
+    add_advantages), each given the config sections it reads. The trainer and
+    interpret.token_batch both call it, so the per-token view shows the trainer's own numbers."""
+    add_token_rewards(batch, beta, algorithm=cfg.algorithm, kl=cfg.kl, fluency_coef=cfg.env.fluency_coef,
+                      max_new_tokens=cfg.generation.max_new_tokens)
+    add_advantages(batch, beta, algorithm=cfg.algorithm, kl=cfg.kl, turn_gamma=cfg.env.turn_gamma, dist=dist)
+
+
+def loss_fn(cfg: Config, beta: float, critic_only: bool = False):
+    """The update's `loss_fn(model, minibatch, T)`: the algorithm's minibatch loss at the
+    step's β, or the critic's loss alone during the value warm-up."""
+    if critic_only:
+        return partial(critic_loss, algorithm=cfg.algorithm)
+    return partial(
+        minibatch_loss, algorithm=cfg.algorithm, beta=beta, temperature=cfg.generation.temperature,
+        max_tokens=cfg.generation.max_new_tokens * assistant_turns(cfg.env), is_cap=cfg.rollout.is_cap,
+    )

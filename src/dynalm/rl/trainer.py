@@ -30,7 +30,7 @@ from ..envs import EpisodeEnv, make_env
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
-from .objectives import add_advantages, add_token_rewards, minibatch_loss, zero_std_groups  # noqa: F401 (re-exported)
+from .objectives import add_advantages, add_token_rewards, loss_fn, minibatch_loss, shape_batch, zero_std_groups  # noqa: F401 (re-exported)
 from .update import (  # noqa: F401 (some re-exported)
     NonFiniteError, PromptSampler, _nonfinite, build_optimizer, build_scheduler, recompute_logprobs, update, wants_recompute,
 )
@@ -47,6 +47,7 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
+
 class Rows:
     """The step's rows gathered from every process, in global order: what rank 0 logs."""
 
@@ -263,8 +264,7 @@ class Trainer:
         if wants_recompute(cfg.rollout, self.model):
             recompute_logprobs(self.model, batch, cfg.generation.temperature)
         beta = self.kl_ctl.value
-        add_token_rewards(batch, cfg, beta)
-        add_advantages(batch, cfg, beta, dist)
+        shape_batch(batch, cfg, beta, dist)
         if self.model.value_norm is not None and batch.returns is not None:
             self._update_value_norm(batch, dist)
         critic_only = self.step_idx < cfg.algorithm.value_warmup_steps
@@ -277,7 +277,7 @@ class Trainer:
                 bad_reward = dist.any(bad_reward)
             if bad_reward:
                 raise NonFiniteError(f"non-finite reward at step {step} (per-token reward with the KL and fluency terms)")
-            stats = update(self.model, self.opt, batch, cfg, beta, self.update_gen, step, dist, critic_only=critic_only)
+            stats = update(self.model, self.opt, batch, cfg.algorithm, loss_fn(cfg, beta, critic_only), self.update_gen, step, dist)
         except NonFiniteError:
             if self.skipped_batches >= cfg.train.skip_nonfinite:
                 raise

@@ -7,12 +7,11 @@ import math
 
 import torch
 
-from ..config import Config, RolloutConfig, TrainConfig
+from ..config import AlgorithmConfig, RolloutConfig, TrainConfig
 from ..distributed import Dist
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from .batch import Batch
-from .objectives import critic_loss, minibatch_loss
 
 
 class NonFiniteError(UserError):
@@ -120,11 +119,13 @@ def _averaged(sums: dict[str, float], count: int) -> dict:
 
 
 def update(
-    model: PolicyValueModel, opt, batch: Batch, cfg: Config, beta: float, gen: torch.Generator, step: int,
-    dist: Dist | None = None, critic_only: bool = False,
+    model: PolicyValueModel, opt, batch: Batch, algorithm: AlgorithmConfig, loss_fn, gen: torch.Generator,
+    step: int, dist: Dist | None = None,
 ) -> dict:
     """The algorithm's gradient steps on one batch; returns averaged diagnostics.
-    `critic_only` (value warm-up): the same steps on the critic's loss alone.
+    `loss_fn(model, minibatch, T)` returns (loss, parts): objectives.minibatch_loss, or
+    objectives.critic_loss during the value warm-up, bound to their config sections;
+    `algorithm` gives the minibatch size, epochs, gradient clip and target KL.
 
     One loop for one process and for several: a single process is a world of one (`_One`),
     where every collective is the identity, so the two cannot drift apart. With `dist`,
@@ -134,7 +135,7 @@ def update(
     the minibatch's tokens, gradients summed over processes before clipping.
     """
     world = dist if dist is not None else _One()
-    a = cfg.algorithm
+    a = algorithm
     b, T = batch.action_mask.shape
     offset, B = world.rank * b, b * world.world_size
     mbs = a.minibatch_size or B
@@ -148,7 +149,7 @@ def update(
         opt.zero_grad(set_to_none=True)
         if len(ids):
             mb = batch.rows(ids.to(dev))
-            loss, parts = critic_loss(model, mb, cfg, T) if critic_only else minibatch_loss(model, mb, cfg, beta, T)
+            loss, parts = loss_fn(model, mb, T)
             n_local = mb.action_mask.sum()
         else:  # none of this minibatch's rows are here: contribute nothing, still join the collectives
             loss, parts, n_local = torch.zeros((), device=dev), {k: torch.zeros(()) for k in _PARTS}, torch.zeros(())
