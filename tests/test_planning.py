@@ -480,19 +480,23 @@ def test_rollouts_on_the_fast_decoder_build_the_same_tree(tiny_llama, prompts_fi
 
 
 @pytest.mark.parametrize("leaf", ["value", "rollout"])
-def test_batched_waves_expand_nodes_as_full_forwards_do(leaf, tiny_llama, prompts_file):
+def test_batched_waves_expand_nodes_as_full_forwards_do(leaf, tiny_llama, prompts_file, monkeypatch):
     """planner.batch_leaves: leaves chosen under virtual loss are expanded in one left-padded
     batched step (rollouts: one step per token for the whole wave); every expanded node's
     priors, value and K/V equal a batch-1 full forward over its own prefix, the virtual
     losses are all taken back, and the batched step did run."""
     from dynalm.models.fastdecode import decoder_for
+    from dynalm.planning import wave
 
+    lens, padded = [], wave._left_padded_cache
+    monkeypatch.setattr(wave, "_left_padded_cache", lambda p, t: lens.append([kvx.length(x) for x in p]) or padded(p, t))
     rollout = leaf == "rollout"
     cfg, model, env = _setup(
         tiny_llama, prompts_file, perturb=True, generation={"max_new_tokens": 5, "stop_at_eos": False},
         model={"value_head": not rollout}, algorithm={"name": "grpo", "num_generations": 2},
     )
-    pc = PlannerConfig(name="mcts", leaf=leaf, simulations=10, top_k=4, c_puct=1.0, batch_leaves=4)
+    # value leaves: 16 simulations, so that later waves mix depths (and so prefix lengths)
+    pc = PlannerConfig(name="mcts", leaf=leaf, simulations=10 if rollout else 16, top_k=4, c_puct=1.0, batch_leaves=4)
     fast = decoder_for(model, model.lm)
     steps, step = [], fast.step
     fast.step = lambda tok, *a: steps.append(tok.shape[0]) or step(tok, *a)
@@ -528,7 +532,20 @@ def test_batched_waves_expand_nodes_as_full_forwards_do(leaf, tiny_llama, prompt
         checked += 1
     assert checked > pc.simulations if rollout else checked >= 4
     assert max(steps) > 1 and len(steps) < tree.forward_passes  # batched steps, fewer than the nodes they expanded
+    assert any(len(set(x)) > 1 for x in lens)  # some wave mixed prefix lengths: the left padding was exercised
 
+
+
+def _wave_tree(tiny_llama, prompts_file, reward, leaf: str, simulations: int):
+    """A value-free policy and an MCTS over ROWS[0] with waves of 4 and the given reward."""
+    cfg, model, env = _setup(
+        tiny_llama, prompts_file, reward=reward, perturb=False, generation={"max_new_tokens": 5, "stop_at_eos": False},
+        model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2},
+    )
+    pc = PlannerConfig(name="mcts", leaf=leaf, simulations=simulations, top_k=4, c_puct=1.0, batch_leaves=4)
+    model.eval()
+    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
+    return cfg, model, env, pc, TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
 
 def test_batched_rollout_waves_back_up_each_rollout_once(tiny_llama, prompts_file):
     """Rollout leaves in waves: every simulation is one reward of one finished text, the root's
@@ -539,14 +556,7 @@ def test_batched_rollout_waves_back_up_each_rollout_once(tiny_llama, prompts_fil
         seen.append(c)
         return len(set(c)) / 10
 
-    cfg, model, env = _setup(
-        tiny_llama, prompts_file, reward=reward, perturb=False, generation={"max_new_tokens": 5, "stop_at_eos": False},
-        model={"value_head": False}, algorithm={"name": "grpo", "num_generations": 2},
-    )
-    pc = PlannerConfig(name="mcts", leaf="rollout", simulations=9, top_k=4, c_puct=1.0, batch_leaves=4)
-    model.eval()
-    ids, _, _ = encode_prompts(model.tokenizer, [env.reset(ROWS[0])], 64, "cpu")
-    tree = TokenMCTS(model, env, ROWS[0], ids, cfg.generation, pc, None)
+    cfg, model, env, pc, tree = _wave_tree(tiny_llama, prompts_file, reward, "rollout", 9)
     used = 0
     while used < pc.simulations:
         used += tree.simulate_wave(min(4, pc.simulations - used))
@@ -555,6 +565,26 @@ def test_batched_rollout_waves_back_up_each_rollout_once(tiny_llama, prompts_fil
     assert tree.root.visits == pc.simulations
     assert math.isclose(tree.root.value_sum, sum(n.value_sum for n in finished), abs_tol=1e-9)
     assert math.isclose(tree.root.value_sum, sum(n.visits * n.value for n in finished), abs_tol=1e-9)
+    for n in finished:  # each rollout's reward sits on its own text's end (no shuffling between leaves)
+        text = decode(model.tokenizer, [m.token for m in tree._path(n)], n.ended)
+        assert n.value == len(set(text)) / 10
     res = plan(model, env, ROWS[:1], cfg.generation, pc, max_prompt_tokens=64)
     assert sum(res.search[0][0].visits.values()) == pc.simulations
     assert res.completions[0] in seen[-res.reward_calls:]
+
+
+def test_batched_reward_leaves_score_a_wave_in_one_reward_call(tiny_llama, prompts_file):
+    """leaf: reward in waves: each open leaf's partial text is scored in the same env.step as
+    the wave's finished texts (a batch-level reward term sees the wave together), and each
+    leaf's value is the reward of its own text."""
+
+    def reward(c):
+        return len(set(c)) / 10
+
+    cfg, model, env, pc, tree = _wave_tree(tiny_llama, prompts_file, reward, "reward", 8)
+    calls, step = [], env.step
+    env.step = lambda rows, texts, ended: calls.append(len(texts)) or step(rows, texts, ended)
+    assert tree.simulate_wave(4) == 4 and calls == [4]  # four leaves, one reward call
+    for n in tree.root.children:  # the wave's leaves: the root's four children
+        assert n.visits == 1 and n.value == reward(decode(model.tokenizer, [n.token], False))
+    assert tree.simulate_wave(4) == 4 and calls == [4, 4]

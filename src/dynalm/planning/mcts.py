@@ -225,32 +225,15 @@ class TokenMCTS:
         return v
 
     def _evaluate_wave(self, paths: list[list[Node]]) -> None:
-        """Score each path's leaf: batched on the fast decoder where there is one, else one by one."""
-        leaves = [p[-1] for p in paths]
-        open_ = [n for n in leaves if not n.terminal]
-        if self.fast_wave is None or not open_:
-            for n in leaves:
+        """Score each path's leaf: batched on the fast decoder where there is one (wave.py), else one by one."""
+        if self.fast_wave is None or all(p[-1].terminal for p in paths):
+            for n in (p[-1] for p in paths):
                 if self.rollout and not n.terminal:
                     n.chain = self._rollout(n)
                 else:
                     n.value = self._evaluate(n)
             return
-        chains, values = wave.expand_batch(self, open_, rollout=self.rollout)
-        if not self.rollout and not self.own_values and self.want_values:
-            values = [self._critic_value([m.token for m in self._path(n)]) for n in open_]
-        ends = [c[-1] for c in chains] if self.rollout else []
-        finished = [n for n in leaves if n.terminal] + ends
-        scores = self._rewards([self.committed + [m.token for m in self._path(n)] for n in finished], [n.ended for n in finished])
-        for n, r in zip(finished, scores):
-            n.value = r + n.path_reward
-        for i, n in enumerate(open_):
-            if self.rollout:
-                for m in chains[i][:-1]:
-                    m.value = chains[i][-1].value
-                n.value, n.chain = chains[i][-1].value, chains[i]
-            else:
-                v = values[i] if values is not None else None
-                n.value = self._leaf_value(v, self.committed + [m.token for m in self._path(n)], n.path_reward)
+        wave.evaluate(self, [p[-1] for p in paths])
 
     def _backup(self, path: list[Node], value: float) -> None:
         for n in path:
@@ -349,12 +332,13 @@ class TokenMCTS:
         self.forward_passes += 1
         return float(self.model.state_values(ids, torch.ones_like(ids))[0, -1])
 
-    def _leaf_value(self, value, tokens: list[int], path_reward: float) -> float:
-        """An unfinished leaf's score: V(s), the reward of the partial text, or their mean; plus the path's per-token rewards."""
+    def _leaf_value(self, value, tokens: list[int], path_reward: float, reward: float | None = None) -> float:
+        """An unfinished leaf's score: V(s), the reward of the partial text (`reward` where the
+        caller has scored it already), or their mean; plus the path's per-token rewards."""
         leaf = self.cfg.leaf
         if leaf == "value":
             return float(value) + path_reward
-        r = self._reward(tokens, False)
+        r = self._reward(tokens, False) if reward is None else reward
         return (r if leaf == "reward" else 0.5 * (float(value) + r)) + path_reward
 
     def _add_children(self, node: Node, logits: torch.Tensor, ref_logits: torch.Tensor | None) -> None:

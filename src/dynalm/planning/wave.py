@@ -81,3 +81,30 @@ def expand_batch(tree, leaves: list, rollout: bool) -> tuple[list[list], list[fl
         pos = pos + 1
         t += 1
     return chains, values
+
+
+def evaluate(tree, leaves: list) -> None:
+    """Score a wave's leaves (some open, some finished) as `tree`'s sequential path would:
+    the open ones expanded in one batched step (rollouts: rolled out to the end together),
+    then every finished text — and, for `leaf: reward` / `mean`, every open leaf's partial
+    text — scored in one reward call. Sets each leaf's value (rollouts: also its chain)."""
+    open_ = [n for n in leaves if not n.terminal]
+    chains, values = expand_batch(tree, open_, rollout=tree.rollout)
+    tokens = [tree.committed + [m.token for m in tree._path(n)] for n in open_]
+    if not tree.rollout and not tree.own_values and tree.want_values:  # a critic of its own: its own passes
+        values = [tree._critic_value(t[len(tree.committed):]) for t in tokens]
+    finished = [n for n in leaves if n.terminal] + ([c[-1] for c in chains] if tree.rollout else [])
+    partial = open_ if not tree.rollout and tree.cfg.leaf != "value" else []
+    scores = tree._rewards([tree.committed + [m.token for m in tree._path(n)] for n in finished + partial],
+                           [n.ended for n in finished] + [False] * len(partial))
+    for n, r in zip(finished, scores):
+        n.value = r + n.path_reward
+    partial_r = scores[len(finished):]
+    for i, n in enumerate(open_):
+        if tree.rollout:
+            for m in chains[i][:-1]:
+                m.value = chains[i][-1].value
+            n.value, n.chain = chains[i][-1].value, chains[i]
+        else:
+            v = values[i] if values is not None else None
+            n.value = tree._leaf_value(v, tokens[i], n.path_reward, partial_r[i] if partial else None)
