@@ -23,7 +23,8 @@ import torch
 from dynalm.config import build_config
 from dynalm.distributed import Dist
 from dynalm.models.policy import PolicyValueModel
-from dynalm.rl.trainer import Trainer, loss_fn, seed_everything
+from dynalm.rl.objectives import loss_fn
+from dynalm.rl.trainer import Trainer, seed_everything
 
 MODEL, OUT = sys.argv[1], sys.argv[2]
 PROMPTS = ["once the cat", "a dog sat on the mat and then", "the king", "big red tree", "small bird ran", "sun"]

@@ -15,7 +15,8 @@ from dynalm.rewards import dialog as dr
 from dynalm.rl import advantages as A
 from dynalm.rl import losses
 from dynalm.rl.episodes import rollout
-from dynalm.rl.trainer import add_token_rewards, seed_everything, shape_batch
+from dynalm.rl.objectives import add_token_rewards, shape_batch
+from dynalm.rl.trainer import seed_everything
 
 from conftest import tiny_overrides
 

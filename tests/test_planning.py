@@ -15,7 +15,8 @@ from dynalm.planning import kv as kvx
 from dynalm.rewards import ScoredTerms
 from dynalm.rl.batch import Batch
 from dynalm.models.generation import encode_prompts
-from dynalm.rl.trainer import add_token_rewards, seed_everything
+from dynalm.rl.objectives import add_token_rewards
+from dynalm.rl.trainer import seed_everything
 
 from conftest import tiny_overrides
 

@@ -21,7 +21,7 @@ class PathReward:
 
 
 def path_reward_for(cfg, model=None) -> PathReward:
-    """The run's per-token rewards (trainer.add_token_rewards): β·KL for a2c/ppo with β the
+    """The run's per-token rewards (objectives.add_token_rewards): β·KL for a2c/ppo with β the
     run's adapted value (`model.trained_beta`, else kl.coef), the environment LM's α·log P_env
     for any algorithm; `planner.kl_coef` replaces the KL coefficient when it is set."""
     kl = cfg.planner.kl_coef

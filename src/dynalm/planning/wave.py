@@ -90,13 +90,13 @@ def evaluate(tree, leaves: list) -> None:
     text — scored in one reward call. Sets each leaf's value (rollouts: also its chain)."""
     open_ = [n for n in leaves if not n.terminal]
     chains, values = expand_batch(tree, open_, rollout=tree.rollout)
-    tokens = [tree.committed + [m.token for m in tree._path(n)] for n in open_]
+    own = [[m.token for m in tree._path(n)] for n in open_]  # each open leaf's path below the committed tokens
     if not tree.rollout and not tree.own_values and tree.want_values:  # a critic of its own: its own passes
-        values = [tree._critic_value(t[len(tree.committed):]) for t in tokens]
+        values = [tree._critic_value(p) for p in own]
     finished = [n for n in leaves if n.terminal] + ([c[-1] for c in chains] if tree.rollout else [])
-    partial = open_ if not tree.rollout and tree.cfg.leaf != "value" else []
-    scores = tree._rewards([tree.committed + [m.token for m in tree._path(n)] for n in finished + partial],
-                           [n.ended for n in finished] + [False] * len(partial))
+    partial = own if not tree.rollout and tree.cfg.leaf != "value" else []
+    texts = [tree.committed + [m.token for m in tree._path(n)] for n in finished] + [tree.committed + p for p in partial]
+    scores = tree._rewards(texts, [n.ended for n in finished] + [False] * len(partial))
     for n, r in zip(finished, scores):
         n.value = r + n.path_reward
     partial_r = scores[len(finished):]
@@ -107,4 +107,4 @@ def evaluate(tree, leaves: list) -> None:
             n.value, n.chain = chains[i][-1].value, chains[i]
         else:
             v = values[i] if values is not None else None
-            n.value = tree._leaf_value(v, tokens[i], n.path_reward, partial_r[i] if partial else None)
+            n.value = tree._leaf_value(v, tree.committed + own[i], n.path_reward, partial_r[i] if partial else None)

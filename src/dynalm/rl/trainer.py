@@ -30,7 +30,7 @@ from ..envs import EpisodeEnv, make_env
 from ..errors import UserError
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
-from .objectives import add_advantages, add_token_rewards, loss_fn, minibatch_loss, shape_batch, zero_std_groups  # noqa: F401 (re-exported)
+from .objectives import loss_fn, shape_batch, zero_std_groups
 from .update import (  # noqa: F401 (some re-exported)
     NonFiniteError, PromptSampler, _nonfinite, build_optimizer, build_scheduler, recompute_logprobs, update, wants_recompute,
 )
@@ -47,7 +47,6 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-
 class Rows:
     """The step's rows gathered from every process, in global order: what rank 0 logs."""
 
