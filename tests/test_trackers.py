@@ -79,6 +79,12 @@ def test_wandb_offline_run_holds_metrics_samples_config_and_report(tiny_llama, p
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = _run(tmp_path, tiny_llama, prompts_file, ["wandb"])
+    import wandb
+
+    # run.finish() returns before W&B's service process has necessarily written the whole
+    # transaction log (CI once read it with step 1 missing); teardown stops the service, which
+    # flushes it, as process exit does for a CLI run
+    wandb.teardown()
     [log] = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))  # what `wandb sync` uploads
     history, config, artifacts = {}, {}, {}
     for rec in _wandb_records(Path(log)):
@@ -91,6 +97,7 @@ def test_wandb_offline_run_holds_metrics_samples_config_and_report(tiny_llama, p
         elif kind == "artifact":
             artifacts[rec.artifact.type] = sorted(m.path for m in rec.artifact.manifest.contents)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(history) == [m["step"] for m in metrics]
     for m in metrics:
         assert history[m["step"]]["reward"] == pytest.approx(m["reward"]) and history[m["step"]]["kl"] == pytest.approx(m["kl"])
     # a table is a file of its own, named in the history row by flattened keys
