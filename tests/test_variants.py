@@ -244,3 +244,15 @@ def test_constant_aggregation_divides_by_the_env_turn_budget(tiny_llama, prompts
 def test_variant_settings_that_do_nothing_are_refused(tiny_llama, prompts_file, algo, match):
     with pytest.raises(UserError, match=match):
         build_config(tiny_overrides(tiny_llama, prompts_file, algorithm=algo))
+
+
+def test_every_algorithm_is_named_in_the_cli_help_and_the_unknown_key_hint_is_a_real_command(capsys):
+    from dynalm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    train_help = next(c.help for c in sub._choices_actions if c.dest == "train")
+    assert all(name in train_help for name in ALGORITHMS)
+    with pytest.raises(UserError) as e:
+        build_config({"model": {"name": "x"}, "zzzz": 1})
+    assert e.value.fix == "run `dynalm config` to see every valid key"
+    assert main(["config", "--set", "train.steps=3"]) == 0 and "steps: 3" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"dynalm {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a policy (a2c, ppo, grpo, rloo)")
+    t = sub.add_parser("train", help="train a policy (a2c, ppo, grpo, rloo, reinforce_pp)")
     _add_config_args(t)
     t.add_argument("--out", "-o", help="run directory (default runs/<task>-<algo>-<time>)")
     t.add_argument("--force", action="store_true", help="overwrite a run already in --out")
@@ -135,13 +135,13 @@ def cmd_generate(args) -> int:
     cfg, model = _model_and_cfg(args)
     from pydantic import ValidationError
 
-    from .config import GenerationConfig, _format_validation_error
+    from .config import GenerationConfig, format_validation_error
 
     upd = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}.items() if v is not None}
     try:  # validated like the config: --temperature 0 or --max-new-tokens -1 are user mistakes
         gen_cfg = GenerationConfig.model_validate({**cfg.generation.model_dump(), **upd})
     except ValidationError as err:
-        raise _format_validation_error(err, GenerationConfig) from None
+        raise format_validation_error(err, GenerationConfig) from None
     if args.raw:  # the prompt exactly as given: no task template, no chat template
         cfg = cfg.model_copy(
             update={
@@ -223,7 +223,7 @@ def cmd_eval(args) -> int:
 def cmd_train_rm(args) -> int:
     from pydantic import ValidationError
 
-    from .config import _format_validation_error, parse_set
+    from .config import format_validation_error, parse_set
     from .rewards.learned import RewardModelConfig, train_reward_model
 
     raw = {"data": args.data, **parse_set(args.set)}
@@ -232,7 +232,7 @@ def cmd_train_rm(args) -> int:
     try:
         cfg = RewardModelConfig.model_validate(raw)
     except ValidationError as err:
-        raise _format_validation_error(err, RewardModelConfig) from None
+        raise format_validation_error(err, RewardModelConfig) from None
     metrics = train_reward_model(cfg, Path(args.out), echo=lambda s: print(s, flush=True))
     before, after = metrics["before"], metrics["after"]
     key = "accuracy" if metrics["kind"] == "pairs" else "pearson"
@@ -244,7 +244,7 @@ def cmd_train_rm(args) -> int:
 def cmd_train_env_model(args) -> int:
     from pydantic import ValidationError
 
-    from .config import _format_validation_error, parse_set
+    from .config import format_validation_error, parse_set
     from .envmodel import EnvModelConfig, train_env_model
 
     if Path(args.out).is_file():
@@ -255,7 +255,7 @@ def cmd_train_env_model(args) -> int:
     try:
         cfg = EnvModelConfig.model_validate(raw)
     except ValidationError as err:
-        raise _format_validation_error(err, EnvModelConfig) from None
+        raise format_validation_error(err, EnvModelConfig) from None
     m = train_env_model(cfg, Path(args.out), echo=lambda s: print(s, flush=True))
     b, t = m["prompted_base"], m["trained"]
     if t["nll_per_token"] is not None:

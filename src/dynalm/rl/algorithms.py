@@ -6,7 +6,7 @@ function in losses.py with its tests); the trainer reads only this table, throug
 rl/objectives.py (reward shaping, advantages, the minibatch loss). `dynalm config --help`
 and the README list the entries with their one-line summaries.
 
-Plain data, no torch and no config import: config.py validates through `ALGORITHMS`,
+Plain data, no torch and no config import: the config package validates through `ALGORITHMS`,
 and `check` takes the sections it reads (`AlgorithmConfig`, `KLConfig`).
 """
 
