@@ -20,13 +20,10 @@ from dynalm.rewards.learned import (
     bradley_terry_loss,
     learned_reward,
     load_reward_model,
-    pairwise_accuracy,
-    pearson,
-    read_reward_rows,
     regression_loss,
     resolve_learned,
-    train_reward_model,
 )
+from dynalm.rewards.rm_training import pairwise_accuracy, pearson, read_reward_rows, train_reward_model
 
 from conftest import WORDS
 

@@ -224,7 +224,8 @@ def cmd_train_rm(args) -> int:
     from pydantic import ValidationError
 
     from .config import format_validation_error, parse_set
-    from .rewards.learned import RewardModelConfig, train_reward_model
+    from .rewards.learned import RewardModelConfig
+    from .rewards.rm_training import train_reward_model
 
     raw = {"data": args.data, **parse_set(args.set)}
     if args.model:

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import publish_folder
 from ..errors import UserError
 from ..integrity import DamagedFile, check_folder, load_safetensors
-from ..rewards.learned import pearson
+from ..rewards.rm_training import pearson
 from .data import openings, read_transitions, split_by_episode
 from .network import EnvModel, EnvModelConfig
 
