@@ -69,7 +69,8 @@ def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
 def main() -> None:
     from dynalm.envs import make_env
     from dynalm.models.generation import decode_completions, encode_prompts, sample
-    from dynalm.run import eval_rows, load_run, set_threads, train_rows
+    from dynalm.run import eval_rows, set_threads, train_rows
+    from dynalm.trained import load_run
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True)

@@ -53,7 +53,7 @@ def test_train_eval_generate_export(fixture, algo, request, tmp_path, prompts_fi
 
     # export reloads with plain transformers and matches the trained policy
     exported = AutoModelForCausalLM.from_pretrained(run / "export").eval()
-    from dynalm.run import load_run
+    from dynalm.trained import load_run
 
     _, pol = load_run(run)
     ids = torch.tensor([[5, 6, 7, 8, 9]])

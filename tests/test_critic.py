@@ -231,7 +231,7 @@ def test_values_of_a_critic_with_its_own_trunk_in_sampling_and_search(tiny_llama
 def test_adapter_critic_with_popart_trains_resumes_and_exports(tiny_llama, prompts_file, tmp_path):
     from safetensors.torch import load_file
 
-    from dynalm.run import load_run
+    from dynalm.trained import load_run
 
     cfg = tiny_overrides(tiny_llama, prompts_file, model={"critic": "adapter"},
                          algorithm={"name": "ppo", "value_norm": True, "value_warmup_steps": 1}, rewards=[{"name": "length"}])

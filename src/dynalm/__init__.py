@@ -21,7 +21,7 @@ def train(config: "Config | str", out=None, **kwargs):
 
 def load_run(run_dir, overrides=None):
     """(config, PolicyValueModel) of a finished or interrupted run."""
-    from .run import load_run as _load
+    from .trained import load_run as _load
 
     return _load(run_dir, overrides)
 

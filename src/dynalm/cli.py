@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
 def _model_and_cfg(args):
     from .config import load_config, parse_set
     from .models.policy import PolicyValueModel
-    from .run import load_run
+    from .trained import load_run
 
     if args.run:
         over = parse_set(args.set)
