@@ -78,6 +78,10 @@ class GenerationConfig(_Section):
         True, description="Prefill each distinct prompt of a batch once (a grpo/rloo group, best-of-n candidates) and "
         "give its KV cache to every row that starts with it; false = one prefill per row.",
     )
+    turn_cache: bool = Field(
+        True, description="Multi-turn rollouts keep each episode's KV cache from one assistant turn to the next and "
+        "prefill only the new tokens (observation and template); false = prefill the whole conversation every turn.",
+    )
 
 
 class RolloutConfig(_Section):

@@ -7,11 +7,17 @@ ids and never re-tokenised. `sample` is one prefill over the distinct left-padde
 share its KV cache) and one
 incremental forward per new token with the KV cache; the same pass records log π(a_t|s_t)
 (at the sampling temperature, before top-k/top-p truncation, as TRL does) and V(s_t).
+`sample_turn` does the same after a `TurnCache`, the cache a previous turn left, so that a
+multi-turn episode prefills only its new tokens each turn.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
+from transformers import DynamicCache
 
 from ..config import GenerationConfig
 from ..errors import UserError
@@ -89,6 +95,44 @@ def stop_ids(tokenizer, generation_config=None) -> set[int]:
     return ids
 
 
+@dataclass
+class TurnCache:
+    """The KV cache a sampled turn leaves behind, per row: keys and values [B, kv heads, S,
+    head dim] per layer of the first S columns of `ids` — every column the model has read.
+    The turn's last sampled token has not been read yet (nothing was sampled after it), so it
+    opens the next turn's new tokens. Masked columns (left padding, a row that stopped early)
+    stay in place as holes that no row attends to."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    ids: torch.Tensor  # [B, S]
+    mask: torch.Tensor  # [B, S]
+
+    def select(self, rows: list[int]) -> "TurnCache":
+        idx = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
+        return TurnCache([(k[idx], v[idx]) for k, v in self.kv], self.ids[idx], self.mask[idx])
+
+    def pending(self, ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """Per row, the tokens of a sampled `ids`/`mask` (the whole turn's output) that this
+        cache has not read: the last column, where it is a real token of that row."""
+        S = self.ids.shape[1]
+        return [ids[j, S:].tolist() if int(mask[j, S:].sum()) else [] for j in range(ids.shape[0])]
+
+
+def _turn_cache(past, ids: torch.Tensor, attn: torch.Tensor, S: int) -> TurnCache | None:
+    """The cache after a turn as plain per-layer tensors (None for cache types it cannot carry,
+    e.g. sliding windows or linear-attention states)."""
+    if isinstance(past, list):  # the fast decoder's static buffers, S slots written
+        kv = [(k[:, :, :S], v[:, :, :S]) for k, v in past]
+    else:
+        layers = getattr(past, "layers", None)
+        if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return None
+        kv = [(layer.keys, layer.values) for layer in layers]
+        if kv[0][0].shape[2] != S:
+            return None
+    return TurnCache(kv, ids[:, :S], attn[:, :S])
+
+
 @torch.no_grad()
 def sample(
     model: PolicyValueModel,
@@ -102,8 +146,35 @@ def sample(
     greedy: bool = False,
 ):
     """Sample completions. Returns (input_ids, attention_mask, action_mask, logprobs, values, ended)."""
-    import contextlib
+    return _sample(model, prompt_ids, prompt_mask, gen, generator, with_values, use_reference, greedy, None, False)[0]
 
+
+@torch.no_grad()
+def sample_turn(
+    model: PolicyValueModel,
+    new_ids: torch.Tensor,
+    new_mask: torch.Tensor,
+    gen: GenerationConfig,
+    prefix: TurnCache | None,
+    *,
+    generator: torch.Generator | None = None,
+    with_values: bool = True,
+    use_reference: bool = False,
+):
+    """`sample` after `prefix` (the cache of the same rows' earlier turns, or None): only the
+    left-padded `new_ids` are prefilled, and the returned ids and masks hold prefix + new +
+    sampled columns. Returns (sample's six results, the TurnCache for the next turn or None)."""
+    if prefix is not None and prefix.ids.shape[0] != new_ids.shape[0]:
+        raise ValueError(f"the turn cache holds {prefix.ids.shape[0]} rows, the new tokens {new_ids.shape[0]}")
+    return _sample(model, new_ids, new_mask, gen, generator, with_values, use_reference, False, prefix, True)
+
+
+def _sample(model, prompt_ids, prompt_mask, gen, generator, with_values, use_reference, greedy, prefix, keep_cache):
+    S = 0  # columns the prefix cache has read already
+    if prefix is not None:
+        S = prefix.ids.shape[1]
+        prompt_ids = torch.cat([prefix.ids, prompt_ids], 1)
+        prompt_mask = torch.cat([prefix.mask, prompt_mask], 1)
     B, P = prompt_ids.shape
     T = gen.max_new_tokens
     device = prompt_ids.device
@@ -132,9 +203,10 @@ def sample(
     model.eval()
     try:
         with ctx as lm:
-            cur_ids, past = prompt_ids, None
             pos_all = position_ids_from_mask(attn[:, :P])
-            cur_pos = pos_all
+            # with a prefix, the first forward reads only the new columns, after its cache
+            cur_ids, cur_pos = prompt_ids[:, S:], pos_all[:, S:]
+            past = DynamicCache(ddp_cache_data=prefix.kv) if prefix is not None else None
             next_pos = pos_all[:, -1] + 1
             n_done = 0
             want_v = values is not None and own_values
@@ -143,7 +215,7 @@ def sample(
                 fast.refresh(adapters_on=not use_reference)
             # Rows that start from the same prompt (a group, best-of-n) share one prefill: the
             # distinct prompts are run once and their cache and first logits copied to each row.
-            rows = _shared_rows(prompt_ids, prompt_mask) if gen.share_prefixes else None
+            rows = _shared_rows(prompt_ids, prompt_mask) if gen.share_prefixes and prefix is None else None
             for t in range(T):
                 if t == 0 and rows is not None:
                     first, inv = rows
@@ -188,10 +260,11 @@ def sample(
         keep = P + n_done
         if values is not None and not own_values and n_done:
             values[:, :n_done] = model.critic_values(ids[:, :keep], attn[:, :keep], n_done) * action_mask[:, :n_done]
+        state = _turn_cache(past, ids, attn, keep - 1) if keep_cache else None
     finally:
         model.train(was_training)
     # trim columns no row used (keep = P + n_done)
-    return (
+    out = (
         ids[:, :keep],
         attn[:, :keep],
         action_mask[:, :n_done],
@@ -199,6 +272,7 @@ def sample(
         values[:, :n_done] if values is not None else None,
         ended,
     )
+    return out, state
 
 
 def _shared_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

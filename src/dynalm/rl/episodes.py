@@ -7,7 +7,9 @@ sequence of an episode (rl/batch.py's layout) is
     [left-padded first prompt | assistant turn 1 | observation 2 + template | assistant turn 2 | ...]
 
 built from token ids, never re-tokenised, so the log-probs and values recorded while
-sampling equal those of one forward over the whole sequence. Only assistant tokens are
+sampling equal those of one forward over the whole sequence. With `generation.turn_cache`
+each turn after the first prefills only its new tokens, after the KV cache the episode's
+earlier turns left (`sample_turn`). Only assistant tokens are
 actions (action_mask 1): observation and template tokens are context, outside every loss,
 KL, fluency term and metric. Each turn's reward sits on that turn's last token; credit
 flows across turns through the value head (GAE/TD skip the masked gaps) with
@@ -25,7 +27,7 @@ import time
 import torch
 
 from ..envs.base import format_transcript
-from ..models.generation import check_context_length, decode_completions, encode_prompts, sample
+from ..models.generation import check_context_length, decode_completions, encode_prompts, sample, sample_turn
 from ..models.policy import PolicyValueModel
 from .batch import Batch
 
@@ -87,20 +89,27 @@ def rollout(
     turn_eos: list[list[bool]] = [[] for _ in range(B)]  # per episode: each turn stopped at a stop token
     done, cut = [False] * B, [False] * B
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cache, row_of = None, {}  # the previous turn's TurnCache, and each live episode's row in it
+    pending: list[list[int]] = [[] for _ in range(B)]  # per episode: tokens the cache has not read
     for k in range(env.max_turns):
         live = [i for i in range(B) if not done[i]]
         if not live:
             break
-        width = max(len(ctx[i]) for i in live)
-        check_context_length(model, width, gen.max_new_tokens, f"assistant turn {k + 1}'s context")
-        ids = torch.full((len(live), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(live), width), dtype=torch.long)
-        for j, i in enumerate(live):
-            ids[j, width - len(ctx[i]) :] = torch.tensor(ctx[i], dtype=torch.long)
-            mask[j, width - len(ctx[i]) :] = 1
-        out, _, amask, logp, values, ended = sample(
-            model, ids.to(dev), mask.to(dev), gen, generator=generator, with_values=with_values, use_reference=use_reference
+        check_context_length(model, max(len(ctx[i]) for i in live), gen.max_new_tokens, f"assistant turn {k + 1}'s context")
+        # after the first turn only the unread tokens are new; a row with none (an empty
+        # observation after a turn that stopped early) has no logits to start from: re-prefill
+        prefix = cache.select([row_of[i] for i in live]) if cache is not None and all(pending[i] for i in live) else None
+        new = [pending[i] for i in live] if prefix is not None else [ctx[i] for i in live]
+        ids, mask = _left_pad(new, pad)
+        (out, omask, amask, logp, values, ended), cache = sample_turn(
+            model, ids.to(dev), mask.to(dev), gen, prefix, generator=generator, with_values=with_values,
+            use_reference=use_reference,
         )
+        if not gen.turn_cache:
+            cache = None
+        width = out.shape[1] - amask.shape[1]
+        row_of = {i: j for j, i in enumerate(live)}
+        unread = cache.pending(out, omask) if cache is not None else [[] for _ in live]
         replies = decode_completions(tok, out, amask, ended)
         n_tok = amask.sum(-1).long().tolist()
         for j, i in enumerate(live):
@@ -128,6 +137,7 @@ def rollout(
                 done[i] = cut[i] = True
             else:  # the observation (and template) before the next assistant turn: context, not actions
                 glue = tok(turn.glue[j], add_special_tokens=False)["input_ids"]
+                pending[i] = unread[j] + glue
                 region[i] += glue
                 ctx[i] += glue
                 act[i] += [0.0] * len(glue)
@@ -184,6 +194,16 @@ def rollout(
         **env.episode_info(),
     }
     return batch, truncated, info
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[j, width - len(r) :] = 1
+    return ids, mask
 
 
 def _mean(xs: list[float]) -> float:

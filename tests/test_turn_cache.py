@@ -1,0 +1,87 @@
+"""Multi-turn rollouts keep the KV cache across turns (generation.turn_cache): a later turn
+prefills only its new tokens, and the episodes, log-probs and values are those of a rollout
+that re-reads the whole conversation every turn, and of one forward over it."""
+
+import pytest
+import torch
+
+from dynalm.models import generation
+from dynalm.rl import episodes
+
+from test_dialog import ROWS, _rollout, _setup, dialog_rows, turn_reward_file  # noqa: F401 (fixtures)
+
+
+def _prefill_widths(monkeypatch):
+    """Columns each turn's first forward reads (the new tokens given to sample_turn)."""
+    widths = []
+    real = episodes.sample_turn
+
+    def spy(model, new_ids, new_mask, gen, prefix, **kw):
+        widths.append((new_ids.shape[1], prefix is not None))
+        return real(model, new_ids, new_mask, gen, prefix, **kw)
+
+    monkeypatch.setattr(episodes, "sample_turn", spy)
+    return widths
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])  # the fast decoder's static cache; transformers' cache
+def test_turn_cache_reads_only_new_tokens_and_changes_nothing(fixture, request, dialog_rows, turn_reward_file, monkeypatch):
+    # a third of the vocabulary stops a turn, so rows end turns early and leave holes in the cache
+    monkeypatch.setattr(generation, "stop_ids", lambda tok, cfg=None: set(range(0, len(tok), 3)))
+    widths = _prefill_widths(monkeypatch)
+    out = {}
+    for on in (True, False):
+        cfg, model, env = _setup(request.getfixturevalue(fixture), dialog_rows, turn_reward_file,
+                                 generation={"max_new_tokens": 6, "turn_cache": on})
+        with torch.no_grad():
+            model.value_head.weight.normal_(std=0.1)
+        widths.clear()
+        batch, _ = _rollout(cfg, model, env)
+        out[on] = batch, list(widths), model
+    (b_on, w_on, model), (b_off, w_off, _) = out[True], out[False]
+    # the same episodes, token for token
+    assert torch.equal(b_on.input_ids, b_off.input_ids) and torch.equal(b_on.attention_mask, b_off.attention_mask)
+    assert torch.equal(b_on.action_mask, b_off.action_mask) and b_on.completions == b_off.completions
+    assert torch.allclose(b_on.logprobs, b_off.logprobs, atol=1e-5) and torch.allclose(b_on.values, b_off.values, atol=1e-5)
+    full = model(b_on.input_ids, b_on.attention_mask, b_on.n_actions)
+    assert torch.allclose(full.logprobs * b_on.action_mask, b_on.logprobs, atol=1e-5)
+    assert torch.allclose(full.values * b_on.action_mask, b_on.values, atol=1e-5)
+    # some turns stopped early (holes), and later turns did run from the cache
+    assert not bool(b_on.ended.all()) or (b_on.action_mask.sum(-1) < b_on.n_actions).any()
+    assert len(w_on) == len(w_off) >= 2 and not w_on[0][1] and all(cached for _, cached in w_on[1:])
+    assert not any(cached for _, cached in w_off)
+    assert all(a < b for (a, _), (b, _) in zip(w_on[1:], w_off[1:]))  # only the unread tokens, not the conversation
+
+
+def test_a_row_with_nothing_unread_falls_back_to_a_full_prefill(tiny_llama, dialog_rows, turn_reward_file, monkeypatch):
+    """An empty observation after a turn whose last token was already read leaves no token
+    to start the next turn from: that turn re-reads the conversation, and nothing changes."""
+    from dynalm.envs.dialog import DialogEnv
+
+    widths = _prefill_widths(monkeypatch)
+    real_advance = DialogEnv.advance
+
+    def advance(self, *a, **k):
+        turn = real_advance(self, *a, **k)
+        turn.glue = ["" for _ in turn.glue]  # nothing between two assistant turns
+        return turn
+
+    monkeypatch.setattr(DialogEnv, "advance", advance)
+    monkeypatch.setattr(generation, "stop_ids", lambda tok, cfg=None: set(range(0, len(tok), 2)))
+    cfg, model, env = _setup(tiny_llama, dialog_rows, turn_reward_file, generation={"max_new_tokens": 6})
+    batch, _ = _rollout(cfg, model, env)
+    full = model(batch.input_ids, batch.attention_mask, batch.n_actions)
+    assert torch.allclose(full.logprobs * batch.action_mask, batch.logprobs, atol=1e-5)
+    assert batch.input_ids.shape[0] == len(ROWS) and len(widths) == 3
+    assert any(not cached for _, cached in widths[1:])  # a later turn had to re-read the conversation
+
+
+def test_turn_cache_select_and_pending_by_hand():
+    kv = [(torch.arange(2 * 1 * 3 * 2.0).view(2, 1, 3, 2), -torch.arange(2 * 1 * 3 * 2.0).view(2, 1, 3, 2))]
+    c = generation.TurnCache(kv, torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    s = c.select([1])
+    assert s.ids.tolist() == [[8, 9, 10]] and s.mask.tolist() == [[0, 1, 1]] and torch.equal(s.kv[0][0], kv[0][0][1:])
+    # a turn's output: 3 read columns + 1 unread; row 1 had stopped, so its last column is a hole
+    out = torch.tensor([[5, 6, 7, 11], [8, 9, 10, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0]])
+    assert c.pending(out, mask) == [[11], []]
