@@ -256,3 +256,36 @@ def test_every_algorithm_is_named_in_the_cli_help_and_the_unknown_key_hint_is_a_
         build_config({"model": {"name": "x"}, "zzzz": 1})
     assert e.value.fix == "run `dynalm config` to see every valid key"
     assert main(["config", "--set", "train.steps=3"]) == 0 and "steps: 3" in capsys.readouterr().out
+
+
+def test_entropy_bonus_gradient_and_an_entropy_metric_without_a_graph(tiny_llama, prompts_file):
+    """With ent_coef c the loss's gradient is the ent_coef-0 gradient minus c·∇(mean entropy);
+    with c = 0 the entropy is only a metric and keeps no graph (its [B, T, vocab] tensors are
+    freed before the backward pass)."""
+    from dynalm.models.generation import encode_prompts, sample
+    from dynalm.models.policy import PolicyValueModel
+    from dynalm.rl.objectives import minibatch_loss
+
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2}))
+    torch.manual_seed(0)
+    model = PolicyValueModel.from_config(cfg)
+    ids, mask, _ = encode_prompts(model.tokenizer, ["the cat", "the cat", "a dog ran", "a dog ran"], 16, "cpu")
+    ids, attn, am, lp, _, ended = sample(model, ids, mask, cfg.generation, generator=torch.Generator().manual_seed(0))
+    b = Batch(ids, attn, am, lp, None, ["p"] * 4, ["c"] * 4, torch.tensor([0, 0, 1, 1]), ended)
+    b.advantages, b.ref_logprobs = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * am, lp.clone()
+    params = model.policy_parameters()
+
+    def grads(coef):
+        algo = cfg.algorithm.model_copy(update={"ent_coef": coef})
+        loss, parts = minibatch_loss(model, b, b.n_actions, algorithm=algo, beta=0.0, temperature=1.0, max_tokens=8)
+        return torch.autograd.grad(loss, params), parts
+
+    g0, parts0 = grads(0.0)
+    assert not parts0["entropy"].requires_grad
+    g1, parts1 = grads(0.3)
+    assert torch.allclose(parts0["entropy"], parts1["entropy"].detach())
+    out = model(b.input_ids, b.attention_mask, b.n_actions)
+    ge = torch.autograd.grad(losses.entropy_bonus(out.entropy, am), params)
+    assert max(float(x.abs().max()) for x in ge) > 0
+    for a, c, e in zip(g0, g1, ge):
+        assert torch.allclose(c, a - 0.3 * e, atol=1e-6)

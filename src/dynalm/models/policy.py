@@ -227,7 +227,7 @@ class PolicyValueModel(nn.Module):
 
     def _run(
         self, lm, input_ids, attention_mask, n_actions: int, temperature: float, want_values: bool, want_entropy: bool,
-        want_hidden: bool = False,
+        want_hidden: bool = False, entropy_grad: bool = True,
     ):
         pos = position_ids_from_mask(attention_mask)
         with self.autocast():
@@ -242,13 +242,18 @@ class PolicyValueModel(nn.Module):
         if out.logits.shape[1] != n_actions + 1:  # a model that ignores logits_to_keep would misalign silently
             raise RuntimeError(f"{type(lm).__name__} ignored logits_to_keep ({out.logits.shape[1]} positions, wanted {n_actions + 1})")
         # logits at position p predict token p+1: the last n_actions+1 positions minus the final one
-        logits = out.logits[:, :-1].float() / temperature
+        # [B, n_actions, vocab] tensors are the update's largest (49k columns for SmolLM2): no
+        # copy for temperature 1, and an entropy that only feeds a metric keeps no graph
+        logits = out.logits[:, :-1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
         actions = input_ids[:, -n_actions:]
         logp_all = torch.log_softmax(logits, dim=-1)
         logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         entropy = None
         if want_entropy:
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
         values = None
         if want_values and self.critic_kind == "head":
             h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
@@ -257,10 +262,15 @@ class PolicyValueModel(nn.Module):
             values = self.critic_values(input_ids, attention_mask, n_actions)
         return ForwardOut(logprobs, values, entropy, out.hidden_states[-1].float() if want_hidden else None)
 
-    def forward(self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0, entropy: bool = True) -> ForwardOut:
-        """Log-probs of the last `n_actions` tokens, V(s_t) before each, and entropies."""
+    def forward(
+        self, input_ids, attention_mask, n_actions: int, temperature: float = 1.0, entropy: bool = True,
+        entropy_grad: bool = True,
+    ) -> ForwardOut:
+        """Log-probs of the last `n_actions` tokens, V(s_t) before each, and entropies
+        (without a graph when `entropy_grad` is false: a metric, not a loss term)."""
         return self._run(
-            self.lm, input_ids, attention_mask, n_actions, temperature, self.value_head is not None, entropy
+            self.lm, input_ids, attention_mask, n_actions, temperature, self.value_head is not None, entropy,
+            entropy_grad=entropy_grad,
         )
 
     # ------------------------------------------------------------------ the critic

@@ -169,7 +169,7 @@ def minibatch_loss(
     a = algorithm
     algo = get(a.name)
     mask = mb.action_mask
-    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=temperature)
+    out = model(mb.input_ids, mb.attention_mask, n_actions=T, temperature=temperature, entropy_grad=bool(a.ent_coef))
     agg = dict(how=a.loss_agg, max_tokens=max_tokens)
     is_w = losses.truncated_is_weights(mb.logprobs, mb.rollout_logprobs, is_cap, mask)
     clip_hi = a.clip_range_high if a.clip_range_high is not None else a.clip_range
