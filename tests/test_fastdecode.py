@@ -134,3 +134,25 @@ def test_shared_prefixes_prefill_each_prompt_once_with_the_same_samples(tiny_lla
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert torch.allclose(a[3], b[3], atol=1e-5) and torch.allclose(a[4], b[4], atol=1e-5)
     assert not torch.equal(a[0][0], a[0][1])  # rows of one prompt still sample their own tokens
+
+
+def test_the_update_runs_without_the_folded_weights_and_the_next_sample_refolds(tiny_llama, prompts_file, monkeypatch):
+    from dynalm.data import read_rows
+    from dynalm.rl import trainer as trainer_mod
+
+    cfg, model = _model(tiny_llama, prompts_file, True, train={"batch_size": 2})
+    held = []
+    real = trainer_mod.update
+
+    def spy(m, *a, **k):
+        held.append([bool(d._layers) for d in m.__dict__["_fast_decoders"].values() if d is not None])
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "update", spy)
+    t = trainer_mod.Trainer(cfg, model, read_rows(str(prompts_file)))
+    t.step()
+    t.step()
+    assert held == [[False], [False]]  # the rollout had folded them; the update saw none
+    dec = decoder_for(model, model.lm)
+    out = _sample(cfg, model)
+    assert dec._layers and torch.allclose(model(out[0], out[1], out[2].shape[1]).logprobs * out[2], out[3], atol=1e-5)

@@ -28,6 +28,7 @@ from ..distributed import Dist, global_explained_variance, global_masked_mean, g
 from ..dyna import Dyna
 from ..envs import EpisodeEnv, make_env
 from ..errors import UserError
+from ..models import fastdecode
 from ..models.policy import PolicyValueModel
 from . import advantages as adv_mod
 from .objectives import loss_fn, shape_batch, zero_std_groups
@@ -276,6 +277,7 @@ class Trainer:
                 bad_reward = dist.any(bad_reward)
             if bad_reward:
                 raise NonFiniteError(f"non-finite reward at step {step} (per-token reward with the KL and fluency terms)")
+            fastdecode.release(self.model)  # the update changes the weights they fold: rebuilt at the next sample
             stats = update(self.model, self.opt, batch, cfg.algorithm, loss_fn(cfg, beta, critic_only), self.update_gen, step, dist)
         except NonFiniteError:
             if self.skipped_batches >= cfg.train.skip_nonfinite:
