@@ -390,6 +390,11 @@ def test_memory_estimate_arithmetic():
     assert est["activations"] == 3_361_996_800  # 8 × 304 tokens × 576 × 30 layers × 20 × 4 bytes
     assert est["logits"] == 462_422_016  # 8 × 49 positions × 49,152 × 6 copies × 4 bytes
     assert est["total"] == 5_976_658_944
+    chunked = estimate_memory(
+        param_bytes=134_515_008 * 4, trainable_bytes=134_515_008 * 4, hidden=576, layers=30, vocab=49_152,
+        batch=8, prompt_tokens=256, new_tokens=48, logits_chunk=2,
+    )
+    assert chunked["logits"] == 115_605_504  # 2 rows × 49 positions × 49,152 × 6 copies × 4 bytes
 
 
 def test_memory_estimate_of_a_loaded_model(setup):
@@ -420,6 +425,7 @@ def test_memory_refusal_names_the_knob(setup, tmp_path, monkeypatch, capsys, ava
     monkeypatch.setattr("dynalm.memory.available_memory", lambda device: avail)
     cfg = build_config(setup["raw"])
     est = run_mod.model_memory_estimate(PolicyValueModel.from_config(cfg), cfg)
+    capsys.readouterr()  # transformers' loading bar, when no earlier CLI call in this process has switched it off
     run = tmp_path / "run"
     assert main(["train", "-c", str(setup["cfg"]), "--out", str(run)]) == 2
     size = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731

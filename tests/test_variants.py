@@ -289,3 +289,31 @@ def test_entropy_bonus_gradient_and_an_entropy_metric_without_a_graph(tiny_llama
     assert max(float(x.abs().max()) for x in ge) > 0
     for a, c, e in zip(g0, g1, ge):
         assert torch.allclose(c, a - 0.3 * e, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_logits_chunks_give_the_same_loss_and_gradient(fixture, request, prompts_file):
+    """train.logits_chunk: the LM head in chunks of rows, recomputed in the backward pass;
+    the same log-probs, entropies and gradients as the whole batch at once."""
+    from dynalm.models.generation import encode_prompts, sample
+    from dynalm.models.policy import PolicyValueModel
+
+    cfg = build_config(tiny_overrides(request.getfixturevalue(fixture), prompts_file, train={"logits_chunk": 2}))
+    torch.manual_seed(0)
+    model = PolicyValueModel.from_config(cfg)
+    assert model.logits_chunk == 2
+    ids, mask, _ = encode_prompts(model.tokenizer, ["the cat", "a dog ran far", "red", "once upon a time", "sun"], 16, "cpu")
+    ids, attn, am, *_ = sample(model, ids, mask, cfg.generation, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {}
+    for chunk in (0, 2):  # 5 rows: chunks of 2, 2 and 1
+        model.logits_chunk = chunk
+        out = model(ids, attn, am.shape[1], temperature=0.7)
+        loss = (out.logprobs * am).sum() + 0.3 * (out.entropy * am).sum() + (out.values * am).sum()
+        res[chunk] = out, torch.autograd.grad(loss, params)
+    (a, ga), (b, gb) = res[0], res[2]
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+    assert torch.allclose(a.values, b.values, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb)) and any(float(x.abs().max()) > 0 for x in ga)
+    with torch.no_grad():  # a no-grad pass holds nothing for a backward: one piece, the same numbers
+        assert torch.allclose(model(ids, attn, am.shape[1], temperature=0.7).logprobs, a.logprobs, atol=1e-6)

@@ -22,6 +22,7 @@ LOGITS_FACTOR = 6
 def estimate_memory(
     *, param_bytes: int, trainable_bytes: int, hidden: int, layers: int, vocab: int,
     batch: int, prompt_tokens: int, new_tokens: int, bytes_per_value: int = 4, checkpointing: bool = False,
+    logits_chunk: int = 0,
 ) -> dict[str, int]:
     """Peak bytes of one training step, by part; an upper bound for the per-token parts
     since prompts count at their maximum length.
@@ -29,7 +30,8 @@ def estimate_memory(
     weights      all parameters (policy, reference copy, value head)
     optimizer    gradients + Adam's two moments of the trainable parameters
     activations  batch × (prompt + new tokens) × hidden × layers × ACTIVATION_FACTOR values
-    logits       batch × (new tokens + 1) × vocab × LOGITS_FACTOR values
+    logits       rows × (new tokens + 1) × vocab × LOGITS_FACTOR values, rows = the batch, or
+                 train.logits_chunk's rows when the LM head runs in chunks
     `batch` is the update's minibatch: the update (forward with gradients) is the peak.
     With activation checkpointing a layer keeps only its input (1 value per token and hidden
     unit), and one layer at a time holds its full set while it is recomputed.
@@ -39,7 +41,7 @@ def estimate_memory(
         "weights": param_bytes,
         "optimizer": 3 * trainable_bytes,
         "activations": batch * (prompt_tokens + new_tokens) * hidden * per_layer * bytes_per_value,
-        "logits": batch * (new_tokens + 1) * vocab * LOGITS_FACTOR * bytes_per_value,
+        "logits": min(batch, logits_chunk or batch) * (new_tokens + 1) * vocab * LOGITS_FACTOR * bytes_per_value,
     }
     est["total"] = sum(est.values())
     return est
@@ -59,6 +61,7 @@ def model_memory_estimate(model: PolicyValueModel, cfg: Config, world_size: int 
         prompt_tokens=cfg.model.max_prompt_tokens,
         new_tokens=_new_tokens(cfg),
         checkpointing=cfg.train.gradient_checkpointing,
+        logits_chunk=cfg.train.logits_chunk,
     )
 
 

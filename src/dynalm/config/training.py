@@ -91,6 +91,10 @@ class TrainConfig(_Section):
         False, description="Keep only each decoder layer's input in the update and recompute the rest in the backward "
         "pass (non-reentrant torch.utils.checkpoint): far less activation memory for about one more forward per update.",
     )
+    logits_chunk: int = Field(
+        0, ge=0, description="Rows per chunk of the update's LM head: each chunk's [rows, tokens, vocab] logits are "
+        "made, used and freed, and remade in the backward pass (one more LM-head matmul); 0 = all rows at once.",
+    )
 
 
 class LogConfig(_Section):

@@ -14,6 +14,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from ..config import Config, ModelConfig
@@ -57,6 +58,25 @@ def float32_head(lm: nn.Module) -> None:
     head._dynalm_fp32 = True
 
 
+def _logprobs_of(logits, actions, temperature: float, want_entropy: bool, entropy_grad: bool):
+    """log π(a_t) and the entropy at each position. [B, T, vocab] tensors are the update's
+    largest (49k columns for SmolLM2): no copy for temperature 1, and an entropy that only
+    feeds a metric keeps no graph."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    if not want_entropy:
+        return logprobs, None
+    with torch.set_grad_enabled(entropy_grad):
+        return logprobs, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def _head_logprobs(head, h, actions, temperature: float, want_entropy: bool, entropy_grad: bool):
+    return _logprobs_of(head(h), actions, temperature, want_entropy, entropy_grad)
+
+
 class PolicyValueModel(nn.Module):
     """A causal LM policy with an optional value head and a reference policy."""
 
@@ -73,6 +93,7 @@ class PolicyValueModel(nn.Module):
         # A side critic (beside grpo/rloo) reads the trunk's features without moving them,
         # so the policy trains exactly as it would without a value head.
         self.value_detached = False
+        self.logits_chunk = 0  # rows per LM-head chunk in a training forward (train.logits_chunk); 0 = one piece
         # The KL coefficient β of the run that trained this model, when it came from one (its
         # adapted value at the end): the per-token rewards the value head learned to predict
         # include −β·KL_t, so the per-token view and the planner's leaf scores use the same β.
@@ -112,6 +133,7 @@ class PolicyValueModel(nn.Module):
     def from_config(cls, cfg: Config, device: torch.device | None = None) -> "PolicyValueModel":
         model = cls.build(cfg.model, value_head=cfg.use_value_head, device=device, value_norm=cfg.algorithm.value_norm)
         model.value_detached = not cfg.algorithm.needs_value_head
+        model.logits_chunk = cfg.train.logits_chunk
         if cfg.train.gradient_checkpointing:
             model.enable_checkpointing()
         return model
@@ -230,30 +252,37 @@ class PolicyValueModel(nn.Module):
         want_hidden: bool = False, entropy_grad: bool = True,
     ):
         pos = position_ids_from_mask(attention_mask)
+        B = input_ids.shape[0]
+        chunked = bool(self.logits_chunk) and torch.is_grad_enabled() and B > self.logits_chunk
+        keep = 1 if chunked else n_actions + 1
         with self.autocast():
             out = lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=pos,
-                output_hidden_states=(want_values and self.critic_kind == "head") or want_hidden,
+                output_hidden_states=(want_values and self.critic_kind == "head") or want_hidden or chunked,
                 use_cache=False,
-                logits_to_keep=n_actions + 1,
+                logits_to_keep=keep,
             )
-        if out.logits.shape[1] != n_actions + 1:  # a model that ignores logits_to_keep would misalign silently
-            raise RuntimeError(f"{type(lm).__name__} ignored logits_to_keep ({out.logits.shape[1]} positions, wanted {n_actions + 1})")
-        # logits at position p predict token p+1: the last n_actions+1 positions minus the final one
-        # [B, n_actions, vocab] tensors are the update's largest (49k columns for SmolLM2): no
-        # copy for temperature 1, and an entropy that only feeds a metric keeps no graph
-        logits = out.logits[:, :-1].float()
-        if temperature != 1.0:
-            logits = logits / temperature
+        if out.logits.shape[1] != keep:  # a model that ignores logits_to_keep would misalign silently
+            raise RuntimeError(f"{type(lm).__name__} ignored logits_to_keep ({out.logits.shape[1]} positions, wanted {keep})")
         actions = input_ids[:, -n_actions:]
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        entropy = None
-        if want_entropy:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+        want_entropy_grad = torch.is_grad_enabled() and entropy_grad
+        if chunked:
+            # the head's input at the positions that predict the actions; each chunk's logits
+            # live only inside the checkpointed function, in the forward and again in the backward
+            h = out.hidden_states[-1][:, -n_actions - 1 : -1]
+            head = lm.get_output_embeddings()
+            parts = [
+                checkpoint(_head_logprobs, head, h[i : i + self.logits_chunk], actions[i : i + self.logits_chunk],
+                           temperature, want_entropy, want_entropy_grad, use_reentrant=False)
+                for i in range(0, B, self.logits_chunk)
+            ]
+            logprobs = torch.cat([p[0] for p in parts])
+            entropy = torch.cat([p[1] for p in parts]) if want_entropy else None
+        else:
+            # logits at position p predict token p+1: the last n_actions+1 positions minus the final one
+            logprobs, entropy = _logprobs_of(out.logits[:, :-1], actions, temperature, want_entropy, want_entropy_grad)
         values = None
         if want_values and self.critic_kind == "head":
             h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
