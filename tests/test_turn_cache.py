@@ -85,3 +85,19 @@ def test_turn_cache_select_and_pending_by_hand():
     out = torch.tensor([[5, 6, 7, 11], [8, 9, 10, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0]])
     assert c.pending(out, mask) == [[11], []]
+
+
+def test_one_token_turns_from_a_shared_prompt_keep_a_cache_of_every_row(tiny_gpt2, dialog_rows, turn_reward_file):
+    """grpo's group rows share one prefill; with one-token turns the cache used to be left at the
+    distinct prompts (n < B rows, unique order), so the next turn indexed past it or read another
+    prompt's keys. The cache now holds every row, and the episodes match one forward."""
+    out = {}
+    for on in (True, False):
+        cfg, model, env = _setup(tiny_gpt2, dialog_rows, turn_reward_file, algo="grpo",
+                                 generation={"max_new_tokens": 1, "turn_cache": on})
+        batch, _ = _rollout(cfg, model, env)
+        out[on] = batch, model
+    (b_on, model), (b_off, _) = out[True], out[False]
+    assert torch.equal(b_on.input_ids, b_off.input_ids) and torch.allclose(b_on.logprobs, b_off.logprobs, atol=1e-5)
+    full = model(b_on.input_ids, b_on.attention_mask, b_on.n_actions)
+    assert torch.allclose(full.logprobs * b_on.action_mask, b_on.logprobs, atol=1e-5)

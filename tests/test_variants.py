@@ -317,3 +317,25 @@ def test_logits_chunks_give_the_same_loss_and_gradient(fixture, request, prompts
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb)) and any(float(x.abs().max()) > 0 for x in ga)
     with torch.no_grad():  # a no-grad pass holds nothing for a backward: one piece, the same numbers
         assert torch.allclose(model(ids, attn, am.shape[1], temperature=0.7).logprobs, a.logprobs, atol=1e-6)
+
+
+def test_logits_chunk_refuses_a_model_that_transforms_its_logits(tiny_llama, prompts_file, monkeypatch):
+    """The chunked head applies the output embedding alone, so a model with logit soft-capping
+    (Gemma-2/3) would train on other log-probs than it samples from: refused with a fix."""
+    from dynalm.models import policy
+
+    real = policy.load_causal_lm
+
+    def soft_capped(*a, **k):
+        lm, tok = real(*a, **k)
+        lm.config.final_logit_softcapping = 30.0
+        return lm, tok
+
+    monkeypatch.setattr(policy, "load_causal_lm", soft_capped)
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, train={"logits_chunk": 2}))
+    with pytest.raises(UserError) as err:
+        policy.PolicyValueModel.from_config(cfg)
+    assert err.value.line() == ("train.logits_chunk cannot be used with model_type llama: it transforms its logits "
+                                "(final_logit_softcapping) (set train.logits_chunk=0)")
+    cfg = build_config(tiny_overrides(tiny_llama, prompts_file, train={"logits_chunk": 0}))
+    assert policy.PolicyValueModel.from_config(cfg).logits_chunk == 0

@@ -128,7 +128,7 @@ def _turn_cache(past, ids: torch.Tensor, attn: torch.Tensor, S: int) -> TurnCach
         if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
             return None
         kv = [(layer.keys, layer.values) for layer in layers]
-        if kv[0][0].shape[2] != S:
+        if kv[0][0].shape[2] != S or kv[0][0].shape[0] != ids.shape[0]:
             return None
     return TurnCache(kv, ids[:, :S], attn[:, :S])
 
@@ -223,7 +223,7 @@ def _sample(model, prompt_ids, prompt_mask, gen, generator, with_values, use_ref
                     logits, v = logits[inv], (v[inv] if v is not None else None)
                     if fast is not None:
                         past = fast.start(past, P + T, rows=inv)
-                    elif T > 1:  # every cache layer type (linear-attention states too) implements reorder_cache
+                    elif T > 1 or keep_cache:  # every cache layer type (linear-attention states too) implements reorder_cache
                         past.reorder_cache(inv)
                 elif fast is not None and t > 0:  # the one-token steps: folded weights, static cache
                     with model.autocast():

@@ -134,6 +134,15 @@ class PolicyValueModel(nn.Module):
         model = cls.build(cfg.model, value_head=cfg.use_value_head, device=device, value_norm=cfg.algorithm.value_norm)
         model.value_detached = not cfg.algorithm.needs_value_head
         model.logits_chunk = cfg.train.logits_chunk
+        if model.logits_chunk:
+            # the chunked path applies the output embedding alone; a model that post-processes its
+            # logits (Gemma-2/3's soft-capping, Cohere's and Granite's scaling) would train on other log-probs
+            lm_cfg = model.lm.config
+            post = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                    if getattr(lm_cfg, k, None) not in (None, 1, 1.0)]
+            if post:
+                raise UserError(f"train.logits_chunk cannot be used with model_type {lm_cfg.model_type}: it transforms its logits ({', '.join(post)})",
+                                "set train.logits_chunk=0")
         if cfg.train.gradient_checkpointing:
             model.enable_checkpointing()
         return model
