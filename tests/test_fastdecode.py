@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynalm.config import build_config
-from dynalm.models.fastdecode import decoder_for, supports
+from dynalm.models.fastdecode import decoder_for, release, supports
 from dynalm.models.generation import encode_prompts, sample
 from dynalm.models.policy import PolicyValueModel
 from dynalm.rl.trainer import seed_everything
@@ -156,3 +156,8 @@ def test_the_update_runs_without_the_folded_weights_and_the_next_sample_refolds(
     dec = decoder_for(model, model.lm)
     out = _sample(cfg, model)
     assert dec._layers and torch.allclose(model(out[0], out[1], out[2].shape[1]).logprobs * out[2], out[3], atol=1e-5)
+    # a step on released weights would run no layer at all: it refuses instead
+    release(model)
+    tok = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"FastDecoder.step needs folded weights: call refresh\(\) first"):
+        dec.step(tok, tok, torch.ones(1, 1, dtype=torch.bool), [], 0)

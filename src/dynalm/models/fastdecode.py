@@ -145,6 +145,8 @@ class FastDecoder:
         """One token per row: `tok` [B] at positions `pos` [B], written to cache slot `t`;
         `keep` [B, t+1] (bool) marks the cache slots each row attends to. Returns the last
         hidden state after the final norm [B, hidden]."""
+        if not self._layers:  # released before an update, or never built: no layer would run
+            raise RuntimeError("FastDecoder.step needs folded weights: call refresh() first")
         B = tok.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         h = self.base.model.embed_tokens(tok)[:, None]  # [B, 1, H]
