@@ -1,14 +1,15 @@
-"""What keeping the KV cache across turns saves in a multi-turn rollout (generation.turn_cache).
+"""What keeping the KV cache across turns saves in a multi-turn rollout (generation.turn_cache
+for the policy, env.user_generation.turn_cache for the simulated user).
 
     python benchmarks/turn_cache.py [--episodes 8] [--reps 3] [--turns 3] [--name turn_cache]
 
 The dialog preset (configs/dialog.yaml: the embedded SmolLM2-135M-Instruct with LoRA, a
 value head, the policy's reference as the simulated user), one rollout of `--episodes`
-held-out episodes at a time, with turn_cache on and off interleaved under the same seed.
-Reports per side the median rollout wall time, the environment's share of it (the
-simulated user's replies and the rewards, which the cache does not touch) and the rest (the
-policy's prefills and decoding), the prompt columns the policy's prefills read per
-rollout, and whether both sides produced the same episodes token for token (the cache
+held-out episodes at a time, with both caches on and both off, interleaved under the same
+seed. Reports per side the median rollout wall time, the environment's share of it (the
+simulated user's replies and the rewards), the user simulator's own time, the rest (the
+policy's prefills and decoding), the prompt columns the policy's and the simulator's
+prefills read per rollout, and whether both sides produced the same episodes token for token (the cache
 changes no maths: any difference is float rounding flipping a sample). Writes
 benchmarks/results/NAME.json.
 """
@@ -49,14 +50,19 @@ def main() -> None:
     seed_everything(0)
     model = PolicyValueModel.from_config(base)
     rows = (eval_rows(base) or [])[: a.episodes]
-    read = []  # prompt columns the current rollout's prefills read
-    real = episodes.sample_turn
+    from dynalm.envs import dialog
 
-    def counting(m, new_ids, *args, **kw):
-        read.append(new_ids.shape[1] * new_ids.shape[0])
-        return real(m, new_ids, *args, **kw)
+    read, user_read = [], []  # prompt columns the current rollout's policy / simulator prefills read
 
-    episodes.sample_turn = counting
+    def counting(real, into):
+        def spy(m, new_ids, *args, **kw):
+            into.append(new_ids.shape[1] * new_ids.shape[0])
+            return real(m, new_ids, *args, **kw)
+        return spy
+
+    episodes.sample_turn = counting(episodes.sample_turn, read)
+    dialog.sample_turn = counting(dialog.sample_turn, user_read)
+    dialog.sample = counting(dialog.sample, user_read)
     from dynalm.rewards import RewardSet
 
     rewards = RewardSet(base.rewards)  # one set, so the sentence encoder loads once, in the warm-up
@@ -67,20 +73,24 @@ def main() -> None:
     for rep in range(a.reps):
         out = {}
         for on in (True, False):
-            cfg = base.model_copy(update={"generation": base.generation.model_copy(update={"turn_cache": on})})
+            ug = base.env.user_generation.model_copy(update={"turn_cache": on})
+            cfg = base.model_copy(update={"generation": base.generation.model_copy(update={"turn_cache": on}),
+                                          "env": base.env.model_copy(update={"user_generation": ug})})
             env = make_env(cfg, model, rewards)
             read.clear()
+            user_read.clear()
             t0 = time.perf_counter()
             batch, _, info = episodes.rollout(
                 model, env, rows, list(range(len(rows))), cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
                 generator=torch.Generator().manual_seed(rep), training=True,
             )
             wall = time.perf_counter() - t0
-            sides[on].append({"wall": wall, "env": info["time/env"], "policy": wall - info["time/env"],
-                              "prefill_tokens": sum(read), "assistant_tokens": int(batch.action_mask.sum())})
+            sides[on].append({"wall": wall, "env": info["time/env"], "user": info["time/user"],
+                              "policy": wall - info["time/env"], "prefill_tokens": sum(read),
+                              "user_prefill_tokens": sum(user_read), "assistant_tokens": int(batch.action_mask.sum())})
             out[on] = batch
-            print(f"rep {rep} turn_cache={on}: {wall:.2f} s (env {info['time/env']:.2f} s), "
-                  f"prefills read {sum(read)} columns", flush=True)
+            print(f"rep {rep} turn_cache={on}: {wall:.2f} s (env {info['time/env']:.2f} s, user {info['time/user']:.2f} s), "
+                  f"prefills read {sum(read)} policy / {sum(user_read)} user columns", flush=True)
         b1, b0 = out[True], out[False]
         eq = b1.input_ids.shape == b0.input_ids.shape and bool(torch.equal(b1.input_ids, b0.input_ids))
         same.append(eq)
@@ -94,7 +104,7 @@ def main() -> None:
         "machine": machine(),
         "command": f"python benchmarks/turn_cache.py --episodes {a.episodes} --reps {a.reps} --turns {a.turns}",
         "episodes": len(rows), "turns": a.turns, "reps": a.reps,
-        "sides": {("on" if on else "off"): {k: med(on, k) for k in ("wall", "env", "policy", "prefill_tokens")}
+        "sides": {("on" if on else "off"): {k: med(on, k) for k in ("wall", "env", "user", "policy", "prefill_tokens", "user_prefill_tokens")}
                   for on in (True, False)},
         "runs": {("on" if on else "off"): sides[on] for on in (True, False)},
         "identical_episodes": same, "max_abs_logprob_diff": max(max_dlogp) if max_dlogp else None,
@@ -102,9 +112,11 @@ def main() -> None:
     on, off = res["sides"]["on"], res["sides"]["off"]
     res["ratio_policy_time"] = on["policy"] / off["policy"]
     res["ratio_wall"] = on["wall"] / off["wall"]
+    res["ratio_user_time"] = on["user"] / off["user"]
     print(f"policy time on/off: {on['policy']:.2f}/{off['policy']:.2f} s = {res['ratio_policy_time']:.2f}; "
           f"wall {on['wall']:.2f}/{off['wall']:.2f} s = {res['ratio_wall']:.2f}; prefill columns "
-          f"{on['prefill_tokens']:.0f}/{off['prefill_tokens']:.0f}; identical episodes {sum(same)}/{len(same)}")
+          f"{on['prefill_tokens']:.0f}/{off['prefill_tokens']:.0f}; user time {on['user']:.2f}/{off['user']:.2f} s = "
+          f"{res['ratio_user_time']:.2f}, user prefill columns {on['user_prefill_tokens']:.0f}/{off['user_prefill_tokens']:.0f}; identical episodes {sum(same)}/{len(same)}")
     print(write_result(a.name, res))
 
 

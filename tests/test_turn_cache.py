@@ -11,16 +11,17 @@ from dynalm.rl import episodes
 from test_dialog import ROWS, _rollout, _setup, dialog_rows, turn_reward_file  # noqa: F401 (fixtures)
 
 
-def _prefill_widths(monkeypatch):
-    """Columns each turn's first forward reads (the new tokens given to sample_turn)."""
+def _prefill_widths(monkeypatch, module=episodes):
+    """Columns each turn's first forward reads (the new tokens `module` gives sample_turn),
+    and whether it ran after a cache."""
     widths = []
-    real = episodes.sample_turn
+    real = module.sample_turn
 
     def spy(model, new_ids, new_mask, gen, prefix, **kw):
         widths.append((new_ids.shape[1], prefix is not None))
         return real(model, new_ids, new_mask, gen, prefix, **kw)
 
-    monkeypatch.setattr(episodes, "sample_turn", spy)
+    monkeypatch.setattr(module, "sample_turn", spy)
     return widths
 
 
@@ -101,3 +102,42 @@ def test_one_token_turns_from_a_shared_prompt_keep_a_cache_of_every_row(tiny_gpt
     assert torch.equal(b_on.input_ids, b_off.input_ids) and torch.allclose(b_on.logprobs, b_off.logprobs, atol=1e-5)
     full = model(b_on.input_ids, b_on.attention_mask, b_on.n_actions)
     assert torch.allclose(full.logprobs * b_on.action_mask, b_on.logprobs, atol=1e-5)
+
+
+def test_turn_cache_reuse_keeps_the_common_prefix_by_hand():
+    kv = [(torch.zeros(2, 1, 4, 2), torch.zeros(2, 1, 4, 2))]
+    c = generation.TurnCache(kv, torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    # row 0 read [5, 6, 7]; its new prompt shares [5, 6]. Row 1 read [8, 9, 10, 11], all of them
+    # the new prompt's start, but one token must stay new to give the first logits
+    kept, rest = c.reuse([[5, 6, 3, 4], [8, 9, 10, 11]])
+    assert kept.mask.tolist() == [[0, 1, 1, 0], [1, 1, 1, 0]] and rest == [[3, 4], [11]]
+    assert c.mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]  # the cache it came from is untouched
+    none, same = c.reuse([[1, 2], [2]])
+    assert none is None and same == [[1, 2], [2]]
+    with pytest.raises(ValueError, match="the turn cache holds 2 rows, the prompts 1"):
+        c.reuse([[5]])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_the_user_simulator_keeps_its_cache_and_changes_nothing(fixture, request, dialog_rows, turn_reward_file, monkeypatch):
+    """env.user_generation.turn_cache: the simulator's later prompts are re-rendered text, so
+    the part they share with what it read last turn is kept and only the rest is prefilled."""
+    from dynalm.envs import dialog
+
+    monkeypatch.setattr(generation, "stop_ids", lambda tok, cfg=None: set(range(0, len(tok), 3)))
+    widths = _prefill_widths(monkeypatch, dialog)
+    out = {}
+    for on in (True, False):
+        env_cfg = {"kind": "dialog", "turns": 3, "turn_gamma": 0.9, "user_generation": {"max_new_tokens": 4, "turn_cache": on}}
+        cfg, model, env = _setup(request.getfixturevalue(fixture), dialog_rows, turn_reward_file, env=env_cfg)
+        widths.clear()
+        batch, _ = _rollout(cfg, model, env)
+        out[on] = batch, list(widths), [m["content"] for t in env.transcripts() for m in t]
+    (b_on, w_on, t_on), (b_off, w_off, t_off) = out[True], out[False]
+    assert t_on == t_off and torch.equal(b_on.input_ids, b_off.input_ids)  # the same user replies, the same episodes
+    assert torch.allclose(b_on.logprobs, b_off.logprobs, atol=1e-5)
+    assert w_off == []  # off: plain sampling, no cache kept
+    # the user answers each of the three assistant turns (its reply is part of the turn's reward);
+    # after the first, each prefill reads the new turn, not the whole conversation again
+    assert len(w_on) == 3 and not w_on[0][1] and all(cached for _, cached in w_on[1:])
+    assert all(w < w_on[0][0] for w, _ in w_on[1:])

@@ -80,7 +80,9 @@ class GenerationConfig(_Section):
     )
     turn_cache: bool = Field(
         True, description="Multi-turn rollouts keep each episode's KV cache from one assistant turn to the next and "
-        "prefill only the new tokens (observation and template); false = prefill the whole conversation every turn.",
+        "prefill only the new tokens (observation and template); false = prefill the whole conversation every turn. "
+        "In env.user_generation: the dialog's user simulator keeps its own cache the same way, and prefills only "
+        "what its re-rendered prompt does not share with what it read the turn before.",
     )
 
 

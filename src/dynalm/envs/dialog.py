@@ -32,7 +32,9 @@ import torch
 from ..config import Config, EnvConfig, GenerationConfig, ModelConfig
 from ..data import render_template
 from ..errors import UserError
-from ..models.generation import check_context_length, decode_completions, encode_prompts, glue_text, render_messages, sample
+from ..models.generation import (
+    check_context_length, decode_completions, encode_prompts, glue_text, left_pad, render_messages, sample, sample_turn,
+)
 from ..models.policy import PolicyValueModel
 from ..rewards import RewardSet, ScoredTerms
 from .base import Turn
@@ -152,8 +154,14 @@ class DialogEnv:
         return text.strip()
 
     @torch.no_grad()
-    def simulate_user(self, states: list[DialogState], replies: list[str], generator: torch.Generator | None = None) -> list[str]:
-        """The simulated user's next message for each (state, assistant reply)."""
+    def simulate_user(
+        self, states: list[DialogState], replies: list[str], generator: torch.Generator | None = None,
+        rows: list[int] | None = None,
+    ) -> list[str]:
+        """The simulated user's next message for each (state, assistant reply). `rows`: the
+        episodes (of `begin`) these are; with `env.user_generation.turn_cache` the simulator
+        then keeps each episode's KV cache across turns and prefills only what its re-rendered
+        prompt does not share with what it read last turn."""
         e = self.cfg.env
         if self._user is not None:
             user, use_ref = self._user, False
@@ -163,11 +171,24 @@ class DialogEnv:
             user, use_ref = self.model, True
         tok = user.tokenizer
         texts = [self.user_prompt(s, r, tok) for s, r in zip(states, replies)]
-        ids, mask, _ = encode_prompts(tok, texts, e.user_max_prompt_tokens, user.device)
+        ids, mask, truncated = encode_prompts(tok, texts, e.user_max_prompt_tokens, user.device)
         check_context_length(user, ids.shape[1], e.user_generation.max_new_tokens, "the user simulator's prompt")
-        out, _, amask, _, _, ended = sample(
-            user, ids, mask, e.user_generation, generator=generator, with_values=False, use_reference=use_ref
-        )
+        g = e.user_generation
+        cache = getattr(self, "_user_cache", None)
+        if rows is None or not g.turn_cache or truncated:  # a cut prompt shares no prefix with the last one
+            out, _, amask, _, _, ended = sample(user, ids, mask, g, generator=generator, with_values=False, use_reference=use_ref)
+            self._user_cache = None
+        else:
+            prefix = None
+            if cache is not None and all(i in cache[1] for i in rows):
+                prompts = [ids[j, mask[j].bool()].tolist() for j in range(len(rows))]
+                prefix, rest = cache[0].select([cache[1][i] for i in rows]).reuse(prompts)
+                if prefix is not None:
+                    ids, mask = left_pad(rest, tok.pad_token_id if tok.pad_token_id is not None else 0, user.device)
+            (out, _, amask, _, _, ended), state = sample_turn(
+                user, ids, mask, g, prefix, generator=generator, with_values=False, use_reference=use_ref
+            )
+            self._user_cache = (state, {i: j for j, i in enumerate(rows)}) if state is not None else None
         return [self._clean_user(t) for t in decode_completions(tok, out, amask, ended)]
 
     def score(
@@ -193,10 +214,11 @@ class DialogEnv:
         *,
         training: bool = False,
         generator: torch.Generator | None = None,
+        rows: list[int] | None = None,
     ) -> DialogTurns:
         """One assistant turn for a batch of episodes: the user answers, the turn is scored."""
         t0 = time.perf_counter()
-        users = self.simulate_user(states, replies, generator)
+        users = self.simulate_user(states, replies, generator, rows)
         t1 = time.perf_counter()
         scored = self.score(states, replies, users, ended, training=training)
         self.last_timing = {"user": t1 - t0, "reward": time.perf_counter() - t1}
@@ -216,6 +238,7 @@ class DialogEnv:
     # ------------------------------------------------------------------ episodes (rl/episodes.py)
     def begin(self, rows: list[dict], *, training: bool) -> tuple[list[str], list[str]]:
         self._states = [self.reset(r) for r in rows]
+        self._user_cache = None  # (TurnCache, episode -> its row) of the simulator's last turn
         self._scores: list[list[float]] = [[] for _ in rows]
         self._terms: list[list[dict]] = [[] for _ in rows]
         self._user_words: list[int] = []
@@ -225,7 +248,7 @@ class DialogEnv:
     def advance(self, live, replies, last_tokens, ended, *, training: bool, generator=None, score: bool = True) -> Turn:
         """The simulated user answers every live episode's turn in one batch; the turn is scored."""
         states = [self._states[i] for i in live]
-        res = self.step_batch(states, list(replies), list(ended), training=training, generator=generator)
+        res = self.step_batch(states, list(replies), list(ended), training=training, generator=generator, rows=list(live))
         self._t_user += self.last_timing["user"]
         self._user_words += [len(u.split()) for u in res.user_replies]
         glue = []

@@ -51,14 +51,19 @@ def encode_prompts(tokenizer, texts: list[str], max_tokens: int, device) -> tupl
         if not ids:
             ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id]
         rows.append(ids)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)
+    return ids, mask, truncated
+
+
+def left_pad(rows: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as left-padded (ids, attention mask)."""
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device), truncated
+    return ids.to(device), mask.to(device)
 
 
 def _has_bos(tokenizer, text: str) -> bool:
@@ -116,6 +121,31 @@ class TurnCache:
         cache has not read: the last column, where it is a real token of that row."""
         S = self.ids.shape[1]
         return [ids[j, S:].tolist() if int(mask[j, S:].sum()) else [] for j in range(ids.shape[0])]
+
+    def reuse(self, prompts: list[list[int]]) -> tuple["TurnCache | None", list[list[int]]]:
+        """Prefix reuse for a prompt rebuilt from text (a user simulator's re-rendered chat):
+        per row, the longest common prefix of the tokens this cache has read and `prompts[j]`
+        stays readable, the cache's columns after it become holes, and the rest of the prompt
+        is what the next prefill reads (at least its last token, which gives the first logits).
+        Returns (that cache, the tokens to prefill per row); (None, prompts) when no row shares
+        a single token with its cache, so a plain prefill is no worse."""
+        if len(prompts) != self.ids.shape[0]:
+            raise ValueError(f"the turn cache holds {self.ids.shape[0]} rows, the prompts {len(prompts)}")
+        mask = self.mask.clone()
+        rest, shared = [], 0
+        for j, p in enumerate(prompts):
+            cols = self.mask[j].nonzero().flatten()
+            read = self.ids[j, cols].tolist()
+            n = 0
+            limit = min(len(read), len(p) - 1)
+            while n < limit and read[n] == p[n]:
+                n += 1
+            mask[j, cols[n:]] = 0
+            rest.append(p[n:])
+            shared += n
+        if shared == 0:
+            return None, prompts
+        return TurnCache(self.kv, self.ids, mask), rest
 
 
 def _turn_cache(past, ids: torch.Tensor, attn: torch.Tensor, S: int) -> TurnCache | None:

@@ -27,7 +27,7 @@ import time
 import torch
 
 from ..envs.base import format_transcript
-from ..models.generation import check_context_length, decode_completions, encode_prompts, sample, sample_turn
+from ..models.generation import check_context_length, decode_completions, encode_prompts, left_pad, sample, sample_turn
 from ..models.policy import PolicyValueModel
 from .batch import Batch
 
@@ -100,7 +100,7 @@ def rollout(
         # observation after a turn that stopped early) has no logits to start from: re-prefill
         prefix = cache.select([row_of[i] for i in live]) if cache is not None and all(pending[i] for i in live) else None
         new = [pending[i] for i in live] if prefix is not None else [ctx[i] for i in live]
-        ids, mask = _left_pad(new, pad)
+        ids, mask = left_pad(new, pad)
         (out, omask, amask, logp, values, ended), cache = sample_turn(
             model, ids.to(dev), mask.to(dev), gen, prefix, generator=generator, with_values=with_values,
             use_reference=use_reference,
@@ -194,16 +194,6 @@ def rollout(
         **env.episode_info(),
     }
     return batch, truncated, info
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[j, width - len(r) :] = 1
-    return ids, mask
 
 
 def _mean(xs: list[float]) -> float:
