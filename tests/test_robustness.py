@@ -395,6 +395,17 @@ def test_memory_estimate_arithmetic():
         batch=8, prompt_tokens=256, new_tokens=48, logits_chunk=2,
     )
     assert chunked["logits"] == 115_605_504  # 2 rows × 49 positions × 49,152 × 6 copies × 4 bytes
+    # a minibatch of 2 after no-grad passes over a batch of 16: those passes' logits are the larger
+    small = estimate_memory(
+        param_bytes=134_515_008 * 4, trainable_bytes=134_515_008 * 4, hidden=576, layers=30, vocab=49_152,
+        batch=2, prompt_tokens=256, new_tokens=48, nograd_batch=16,
+    )
+    assert small["logits"] == 462_422_016  # 16 rows × 49 positions × 49,152 × 3 copies × 4 bytes
+    small_chunked = estimate_memory(
+        param_bytes=134_515_008 * 4, trainable_bytes=134_515_008 * 4, hidden=576, layers=30, vocab=49_152,
+        batch=2, prompt_tokens=256, new_tokens=48, nograd_batch=16, logits_chunk=2,
+    )
+    assert small_chunked["logits"] == 115_605_504  # chunked, the update's 2 rows × 6 copies are the larger again
 
 
 def test_memory_estimate_of_a_loaded_model(setup):

@@ -315,8 +315,20 @@ def test_logits_chunks_give_the_same_loss_and_gradient(fixture, request, prompts
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
     assert torch.allclose(a.values, b.values, atol=1e-6)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb)) and any(float(x.abs().max()) > 0 for x in ga)
-    with torch.no_grad():  # a no-grad pass holds nothing for a backward: one piece, the same numbers
-        assert torch.allclose(model(ids, attn, am.shape[1], temperature=0.7).logprobs, a.logprobs, atol=1e-6)
+    # the no-grad passes over the whole batch (reference, recompute) run the head in chunks too,
+    # without checkpointing: the head sees 2, 2 and 1 rows, and the numbers are the same
+    rows = []
+    # (the LM's own forward applies the head at its one kept position: not a chunk)
+    hook = model.lm.get_output_embeddings().register_forward_hook(
+        lambda m, i, o: rows.append(i[0].shape[0]) if i[0].shape[1] > 1 else None
+    )
+    with torch.no_grad():
+        nograd = model(ids, attn, am.shape[1], temperature=0.7)
+        ref = model.reference_logprobs(ids, attn, am.shape[1], temperature=0.7)
+    hook.remove()
+    assert rows == [2, 2, 1, 2, 2, 1] and torch.allclose(nograd.logprobs, a.logprobs, atol=1e-6)
+    model.logits_chunk = 0
+    assert torch.allclose(ref, model.reference_logprobs(ids, attn, am.shape[1], temperature=0.7), atol=1e-6)
 
 
 def test_logits_chunk_refuses_a_model_that_transforms_its_logits(tiny_llama, prompts_file, monkeypatch):

@@ -17,12 +17,15 @@ ACTIVATION_FACTOR = 20
 # Copies of the [batch, new tokens, vocab] logits alive in the update: the logits, the
 # tempered copy, log-softmax, the entropy's probabilities and product, their gradients.
 LOGITS_FACTOR = 6
+# The same in the no-grad passes over the whole batch before the update (the reference's
+# log-probs, the recompute of π_old): the logits, the tempered copy, log-softmax.
+NOGRAD_LOGITS_FACTOR = 3
 
 
 def estimate_memory(
     *, param_bytes: int, trainable_bytes: int, hidden: int, layers: int, vocab: int,
     batch: int, prompt_tokens: int, new_tokens: int, bytes_per_value: int = 4, checkpointing: bool = False,
-    logits_chunk: int = 0,
+    logits_chunk: int = 0, nograd_batch: int | None = None,
 ) -> dict[str, int]:
     """Peak bytes of one training step, by part; an upper bound for the per-token parts
     since prompts count at their maximum length.
@@ -31,17 +34,24 @@ def estimate_memory(
     optimizer    gradients + Adam's two moments of the trainable parameters
     activations  batch × (prompt + new tokens) × hidden × layers × ACTIVATION_FACTOR values
     logits       rows × (new tokens + 1) × vocab × LOGITS_FACTOR values, rows = the batch, or
-                 train.logits_chunk's rows when the LM head runs in chunks
+                 train.logits_chunk's rows when the LM head runs in chunks; or, when larger,
+                 the no-grad passes' nograd_rows × (new tokens + 1) × vocab × NOGRAD_LOGITS_FACTOR
     `batch` is the update's minibatch: the update (forward with gradients) is the peak.
+    `nograd_batch` (default `batch`) the rows of the no-grad passes before it (the whole
+    rollout batch), whose logits alone can outgrow a small minibatch's.
     With activation checkpointing a layer keeps only its input (1 value per token and hidden
     unit), and one layer at a time holds its full set while it is recomputed.
     """
+    nograd = batch if nograd_batch is None else nograd_batch
     per_layer = layers + ACTIVATION_FACTOR if checkpointing else layers * ACTIVATION_FACTOR
     est = {
         "weights": param_bytes,
         "optimizer": 3 * trainable_bytes,
         "activations": batch * (prompt_tokens + new_tokens) * hidden * per_layer * bytes_per_value,
-        "logits": min(batch, logits_chunk or batch) * (new_tokens + 1) * vocab * LOGITS_FACTOR * bytes_per_value,
+        "logits": (new_tokens + 1) * vocab * bytes_per_value * max(
+            min(batch, logits_chunk or batch) * LOGITS_FACTOR,
+            min(nograd, logits_chunk or nograd) * NOGRAD_LOGITS_FACTOR,
+        ),
     }
     est["total"] = sum(est.values())
     return est
@@ -62,6 +72,7 @@ def model_memory_estimate(model: PolicyValueModel, cfg: Config, world_size: int 
         new_tokens=_new_tokens(cfg),
         checkpointing=cfg.train.gradient_checkpointing,
         logits_chunk=cfg.train.logits_chunk,
+        nograd_batch=cfg.train.batch_size // world_size,
     )
 
 

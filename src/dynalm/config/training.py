@@ -92,8 +92,9 @@ class TrainConfig(_Section):
         "pass (non-reentrant torch.utils.checkpoint): far less activation memory for about one more forward per update.",
     )
     logits_chunk: int = Field(
-        0, ge=0, description="Rows per chunk of the update's LM head: each chunk's [rows, tokens, vocab] logits are "
-        "made, used and freed, and remade in the backward pass (one more LM-head matmul); 0 = all rows at once.",
+        0, ge=0, description="Rows per chunk of the LM head in the update and in the no-grad passes before it "
+        "(reference, recompute): each chunk's [rows, tokens, vocab] logits are made, used and freed, and in the update "
+        "remade in the backward pass (one more LM-head matmul); 0 = all rows at once.",
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -262,7 +263,9 @@ class PolicyValueModel(nn.Module):
     ):
         pos = position_ids_from_mask(attention_mask)
         B = input_ids.shape[0]
-        chunked = bool(self.logits_chunk) and torch.is_grad_enabled() and B > self.logits_chunk
+        # the update, and the no-grad passes over the whole batch (reference, recompute), whose
+        # [B, tokens, vocab] logits would otherwise be the step's largest tensor
+        chunked = bool(self.logits_chunk) and B > self.logits_chunk
         keep = 1 if chunked else n_actions + 1
         with self.autocast():
             out = lm(
@@ -282,9 +285,10 @@ class PolicyValueModel(nn.Module):
             # live only inside the checkpointed function, in the forward and again in the backward
             h = out.hidden_states[-1][:, -n_actions - 1 : -1]
             head = lm.get_output_embeddings()
+            run = partial(checkpoint, _head_logprobs, use_reentrant=False) if torch.is_grad_enabled() else _head_logprobs
             parts = [
-                checkpoint(_head_logprobs, head, h[i : i + self.logits_chunk], actions[i : i + self.logits_chunk],
-                           temperature, want_entropy, want_entropy_grad, use_reentrant=False)
+                run(head, h[i : i + self.logits_chunk], actions[i : i + self.logits_chunk], temperature, want_entropy,
+                    want_entropy_grad)
                 for i in range(0, B, self.logits_chunk)
             ]
             logprobs = torch.cat([p[0] for p in parts])
