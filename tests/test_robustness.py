@@ -460,3 +460,39 @@ def test_memory_line_and_truncation_warning_once(setup, tmp_path):
         "warning: prompts longer than model.max_prompt_tokens=8 are cut from the left (4 so far, at step 1); "
         "raise it to keep them whole"
     )
+
+
+MMAP_PROBE = """
+import ctypes, sys, torch
+from dynalm.memory import set_mmap_threshold
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = MallInfo2
+big = torch.empty(4 << 20); del big  # a freed 16 MB block lifts glibc's dynamic threshold above 8 MB
+ok = set_mmap_threshold(int(sys.argv[1])) if sys.argv[1] != "none" else None
+before = libc.mallinfo2().hblkhd
+x = torch.empty(2 << 20)  # 8 MB
+print(ok, (libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_mmap_threshold_maps_blocks_the_heap_would_keep():
+    def probe(arg: str) -> str:
+        return subprocess.run([sys.executable, "-c", MMAP_PROBE, arg], capture_output=True, text=True,
+                              check=True, env=_env()).stdout.split()
+
+    assert probe("none") == ["None", "0"]  # the dynamic threshold: the 8 MB tensor comes from the heap
+    assert probe("1024") == ["True", "8"]  # fixed at 1 MiB: it is mapped (and unmapped when freed)
+
+
+def test_training_applies_the_mmap_threshold(setup, tmp_path, monkeypatch):
+    from dynalm.config import deep_merge
+
+    calls = []
+    monkeypatch.setattr(run_mod, "set_mmap_threshold", calls.append)
+    train(build_config(deep_merge(setup["raw"], {"train": {"steps": 1, "malloc_mmap_threshold_kb": 1024}})),
+          tmp_path / "run", echo=lambda s: None)
+    assert calls == [1024]
+    with pytest.raises(UserError, match="malloc_mmap_threshold_kb"):
+        build_config(deep_merge(setup["raw"], {"train": {"malloc_mmap_threshold_kb": 65536}}))

@@ -3,6 +3,9 @@ cannot fit with the setting to turn (train.memory_check: false to try anyway).""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 
 from .config import Config
@@ -20,6 +23,25 @@ LOGITS_FACTOR = 6
 # The same in the no-grad passes over the whole batch before the update (the reference's
 # log-probs, the recompute of π_old): the logits, the tempered copy, log-softmax.
 NOGRAD_LOGITS_FACTOR = 3
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def set_mmap_threshold(kib: int | None) -> bool:
+    """Fix glibc's mmap threshold at `kib` KiB (train.malloc_mmap_threshold_kb). Its default is
+    dynamic: it rises to the largest block freed so far, so after the first step the update's
+    activations (a few MB each) come from the heap, and the heap keeps their pages after free.
+    True when set; False for None or where the C library is not glibc."""
+    if kib is None:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, kib * 1024))
 
 
 def estimate_memory(

@@ -54,7 +54,7 @@ from .evaluate import evaluate
 from .models.policy import PolicyValueModel, pick_device
 from .envs import make_env
 from . import transitions
-from .memory import check_memory, estimate_memory, model_memory_estimate  # noqa: F401 (re-exported for tests)
+from .memory import check_memory, estimate_memory, model_memory_estimate, set_mmap_threshold  # noqa: F401 (re-exported for tests)
 from .report import finalize_report
 from .trackers import check_trackers
 from .rundir import (  # noqa: F401 (some re-exported)
@@ -190,6 +190,7 @@ def _train(cfg: Config, run_dir: Path, *, force: bool, resume, echo, dist: Dist 
         ev = eval_rows(cfg) if cfg.eval.enabled else None
         rewards = RewardSet(cfg.rewards)
         set_threads(cfg, dist)
+        set_mmap_threshold(cfg.train.malloc_mmap_threshold_kb)
         seed_everything(cfg.seed)
         model = PolicyValueModel.from_config(cfg, device=dist.device if dist is not None else None)
         memory_line = check_memory(model, cfg, dist.world_size if dist is not None else 1)

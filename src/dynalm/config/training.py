@@ -87,6 +87,11 @@ class TrainConfig(_Section):
         0, ge=0, description="Skip up to this many batches with a NaN/inf loss, gradient or reward (no optimizer step), then stop."
     )
     memory_check: bool = Field(True, description="Refuse to start when the estimated peak memory exceeds the memory available.")
+    malloc_mmap_threshold_kb: int | None = Field(
+        None, ge=0, le=32768, description="glibc's M_MMAP_THRESHOLD in KiB, set at the start of training: blocks this size or "
+        "larger are mapped and unmapped on free, so freed activations go back to the system instead of staying in the "
+        "heap (lower peak RSS, slower; 1024 measured best; at most 32768, glibc's cap); null = glibc's dynamic threshold; ignored off glibc.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Keep only each decoder layer's input in the update and recompute the rest in the backward "
         "pass (non-reentrant torch.utils.checkpoint): far less activation memory for about one more forward per update.",
