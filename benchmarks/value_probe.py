@@ -54,6 +54,17 @@ def read_prompt_rows(path: str, field: str) -> list[dict]:
     return [{field: s} for s in lines if s]
 
 
+def select_prompts(cfg, path: str | None, split: str) -> tuple[list[dict], str]:
+    """Prompt rows from --prompts, else the config's eval split (or train), and where they came from."""
+    from dynalm.run import eval_rows, train_rows
+
+    if path:
+        return read_prompt_rows(path, cfg.data.prompt_field), path
+    held_out = eval_rows(cfg) if split == "eval" else None
+    source = split if split == "train" or held_out else "train (no eval split)"
+    return held_out or train_rows(cfg), source
+
+
 def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
     """State groups: by completion tokens read (unfinished), the finished text, and ≥ 15 tokens."""
     unfinished = d < n
@@ -69,7 +80,7 @@ def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
 def main() -> None:
     from dynalm.envs import make_env
     from dynalm.models.generation import decode_completions, encode_prompts, sample
-    from dynalm.run import eval_rows, set_threads, train_rows
+    from dynalm.run import set_threads
     from dynalm.trained import load_run
 
     ap = argparse.ArgumentParser()
@@ -86,12 +97,7 @@ def main() -> None:
         sys.exit(f"{a.run} has no critic (train it with model.value_head: true, or with a2c/ppo)")
     set_threads(cfg)
     env = make_env(cfg, model)
-    if a.prompts:
-        prompts, source = read_prompt_rows(a.prompts, cfg.data.prompt_field), a.prompts
-    else:
-        held_out = eval_rows(cfg) if a.split == "eval" else None
-        prompts = held_out or train_rows(cfg)
-        source = a.split if a.split == "train" or held_out else "train (the run has no eval split)"
+    prompts, source = select_prompts(cfg, a.prompts, a.split)
     prompts = prompts[: a.max_prompts] if a.max_prompts else prompts
     rows = [(i, r) for i, r in enumerate(prompts) for _ in range(a.per_prompt)]
     gen = torch.Generator(device=model.device).manual_seed(0)
