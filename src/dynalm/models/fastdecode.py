@@ -171,7 +171,7 @@ class FastDecoder:
         return self._norm(h, self.base.model.norm.weight)[:, 0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head in float32 outside autocast, as `policy.float32_head` runs it."""
+        """The LM head in float32 outside autocast, as `head.float32_head` runs it."""
         head = self.base.get_output_embeddings()
         with torch.autocast(hidden.device.type, enabled=False):
             # (W·hᵀ)ᵀ, not h·Wᵀ: with 8 rows and a 49k-row head, MKL runs this layout 2× faster on CPU

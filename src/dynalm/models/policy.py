@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 from functools import partial
 from dataclasses import dataclass
 
@@ -21,7 +20,9 @@ from torch import nn
 from ..config import Config, ModelConfig
 from ..errors import UserError
 from .critic import CRITIC_ADAPTER, ValueNorm, adapter_active, add_critic_adapter, build_critic_lm, same_vocabulary
+from .head import float32_head, head_logprobs, logprobs_of
 from .loading import disable_dropout, load_causal_lm, lora_targets  # noqa: F401 (re-exported)
+
 
 @dataclass
 class ForwardOut:
@@ -40,42 +41,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def float32_head(lm: nn.Module) -> None:
-    """Run `lm`'s output projection in float32, outside autocast: in bfloat16, logits near 20
-    round to steps of 0.125, which is noise in every log-prob, ratio and KL. The module is
-    patched in place (its forward only), so weights, tying and saving are unchanged."""
-    head = lm.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or getattr(head, "_dynalm_fp32", False):
-        return
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            b = self.bias.float() if self.bias is not None else None
-            return nn.functional.linear(x.float(), self.weight.float(), b)
-
-    head.forward = types.MethodType(forward, head)
-    head._dynalm_fp32 = True
-
-
-def _logprobs_of(logits, actions, temperature: float, want_entropy: bool, entropy_grad: bool):
-    """log π(a_t) and the entropy at each position. [B, T, vocab] tensors are the update's
-    largest (49k columns for SmolLM2): no copy for temperature 1, and an entropy that only
-    feeds a metric keeps no graph."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-    if not want_entropy:
-        return logprobs, None
-    with torch.set_grad_enabled(entropy_grad):
-        return logprobs, -(logp_all.exp() * logp_all).sum(-1)
-
-
-def _head_logprobs(head, h, actions, temperature: float, want_entropy: bool, entropy_grad: bool):
-    return _logprobs_of(head(h), actions, temperature, want_entropy, entropy_grad)
 
 
 class PolicyValueModel(nn.Module):
@@ -285,7 +250,7 @@ class PolicyValueModel(nn.Module):
             # live only inside the checkpointed function, in the forward and again in the backward
             h = out.hidden_states[-1][:, -n_actions - 1 : -1]
             head = lm.get_output_embeddings()
-            run = partial(checkpoint, _head_logprobs, use_reentrant=False) if torch.is_grad_enabled() else _head_logprobs
+            run = partial(checkpoint, head_logprobs, use_reentrant=False) if torch.is_grad_enabled() else head_logprobs
             parts = [
                 run(head, h[i : i + self.logits_chunk], actions[i : i + self.logits_chunk], temperature, want_entropy,
                     want_entropy_grad)
@@ -295,7 +260,7 @@ class PolicyValueModel(nn.Module):
             entropy = torch.cat([p[1] for p in parts]) if want_entropy else None
         else:
             # logits at position p predict token p+1: the last n_actions+1 positions minus the final one
-            logprobs, entropy = _logprobs_of(out.logits[:, :-1], actions, temperature, want_entropy, want_entropy_grad)
+            logprobs, entropy = logprobs_of(out.logits[:, :-1], actions, temperature, want_entropy, want_entropy_grad)
         values = None
         if want_values and self.critic_kind == "head":
             h = out.hidden_states[-1][:, -n_actions - 1 : -1].float()
