@@ -17,6 +17,11 @@ untrained model), takes the state after its first d completion tokens (for every
 estimates R²_max(d) from the per-state sample variances (K − 1 denominator) over the
 variance of every continuation's reward, with a 90 % bootstrap interval over states. A
 critic target above R²_max cannot be met by any critic, however it is trained.
+
+Beside it, `prefix_reward_r2_loo`: the R² (same denominator) of the simplest critic that
+needs no training, a line in the reward of the unfinished text itself, fitted
+leave-one-state-out so that it is out of sample. A learned critic that does not beat it
+has learned less than the reward already says about the prefix.
 Single-turn tasks only. Writes benchmarks/results/NAME.json (default value_ceiling-<name>).
 """
 
@@ -50,6 +55,26 @@ def bootstrap(R: torch.Tensor, reps: int = 1000, seed: int = 0) -> tuple[float, 
     if not len(vals):
         return None
     return float(vals.quantile(0.05)), float(vals.quantile(0.95))
+
+
+def affine_loo_r2(x: torch.Tensor, R: torch.Tensor) -> float | None:
+    """Out-of-sample R² of R[j, k] predicted by a + b·x[j], the line fitted without state j.
+
+    Same denominator as `ceiling` (the variance of every continuation's reward), so the two
+    compare directly: how much of the ceiling a critic-free predictor of the state reaches."""
+    n, K = R.shape
+    total = R.flatten().var(unbiased=False)
+    if n < 3 or total <= 0:
+        return None
+    err = 0.0
+    for j in range(n):
+        keep = torch.arange(n) != j
+        xs, ys = x[keep].repeat_interleave(K), R[keep].flatten()
+        vx = xs.var(unbiased=False)
+        b = ((xs - xs.mean()) * (ys - ys.mean())).mean() / vx if vx > 0 else torch.tensor(0.0, dtype=R.dtype)
+        a = ys.mean() - b * xs.mean()
+        err += float(((R[j] - (a + b * x[j])) ** 2).sum())
+    return 1 - err / (n * K) / float(total)
 
 
 def load(a):
@@ -130,13 +155,18 @@ def main() -> None:
         R = torch.tensor(score([prompts[live[j // K]] for j in range(len(cont))], full, [e for _, e in cont]),
                          dtype=torch.float64).view(len(live), K)
         lo_hi = bootstrap(R)
+        # the critic-free baseline: the reward of the unfinished text itself, scored as if it ended here
+        r_pre = torch.tensor(score([prompts[i] for i in live], pre, [False] * len(live)), dtype=torch.float64)
         row = {"depth": d, "states": len(live), "continuations": K, "r2_max": ceiling(R),
-               "r2_max_90ci": lo_hi, "reward_mean": float(R.mean()), "reward_std": float(R.flatten().std()),
+               "r2_max_90ci": lo_hi, "prefix_reward_r2_loo": affine_loo_r2(r_pre, R),
+               "reward_mean": float(R.mean()), "reward_std": float(R.flatten().std()),
                "within_state_std_mean": float(R.var(dim=1, unbiased=True).mean().sqrt())}
         by_depth.append(row)
         ci = f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "n/a"
         r2m = "n/a" if row["r2_max"] is None else f"{row['r2_max']:.3f}"
-        print(f"depth {d:>3}: R²_max {r2m} (90% {ci}) over {len(live)} states × {K}, "
+        pr = row["prefix_reward_r2_loo"]
+        print(f"depth {d:>3}: R²_max {r2m} (90% {ci}), r(prefix) {'n/a' if pr is None else f'{pr:.3f}'}, "
+              f"over {len(live)} states × {K}, "
               f"reward std {row['reward_std']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
     res = {
         "command": "python benchmarks/value_ceiling.py " + " ".join(sys.argv[1:]),
