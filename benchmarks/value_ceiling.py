@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result  # noqa: E402
-from value_probe import select_prompts  # noqa: E402
+from value_probe import r2, ridge, select_prompts  # noqa: E402
 
 
 def ceiling(R: torch.Tensor) -> float | None:
@@ -63,18 +63,17 @@ def affine_loo_r2(x: torch.Tensor, R: torch.Tensor) -> float | None:
     Same denominator as `ceiling` (the variance of every continuation's reward), so the two
     compare directly: how much of the ceiling a critic-free predictor of the state reaches."""
     n, K = R.shape
-    total = R.flatten().var(unbiased=False)
-    if n < 3 or total <= 0:
+    if n < 3:
         return None
-    err = 0.0
+    xs, ys = x.repeat_interleave(K)[:, None], R.flatten()
+    pred = torch.empty_like(ys)
     for j in range(n):
-        keep = torch.arange(n) != j
-        xs, ys = x[keep].repeat_interleave(K), R[keep].flatten()
-        vx = xs.var(unbiased=False)
-        b = ((xs - xs.mean()) * (ys - ys.mean())).mean() / vx if vx > 0 else torch.tensor(0.0, dtype=R.dtype)
-        a = ys.mean() - b * xs.mean()
-        err += float(((R[j] - (a + b * x[j])) ** 2).sum())
-    return 1 - err / (n * K) / float(total)
+        held = torch.zeros(n * K, dtype=torch.bool)
+        held[j * K : (j + 1) * K] = True
+        # a vanishing ridge keeps the fit solvable when x is constant (slope 0, the mean)
+        w, b = ridge(xs[~held], ys[~held], 1e-12)
+        pred[held] = xs[held] @ w + b
+    return r2(pred, ys)
 
 
 def load(a):

@@ -23,7 +23,6 @@ from .critic import CRITIC_ADAPTER, ValueNorm, adapter_active, add_critic_adapte
 from .head import float32_head, head_logprobs, logprobs_of
 from .loading import disable_dropout, load_causal_lm, lora_targets  # noqa: F401 (re-exported)
 
-
 @dataclass
 class ForwardOut:
     logprobs: torch.Tensor  # [B, T] log π(a_t | s_t) of the given actions

@@ -64,7 +64,7 @@ from . import kv as kvx
 from . import wave
 from .pathreward import PathReward, path_reward_for  # noqa: F401  (re-exported)
 from .config import PlannerConfig
-from .tree import Node, StepStats  # noqa: F401  (re-exported)
+from .tree import Node, StepStats
 
 
 class TokenMCTS:

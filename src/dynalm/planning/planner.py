@@ -18,7 +18,8 @@ from ..config import GenerationConfig
 from ..errors import UserError
 from ..models.generation import decode_completions, encode_prompts, sample
 from .config import PlannerConfig
-from .mcts import PathReward, StepStats, TokenMCTS, decode
+from .mcts import PathReward, TokenMCTS, decode
+from .tree import StepStats
 
 
 @dataclass
