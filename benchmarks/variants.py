@@ -2,13 +2,16 @@
 without a gradient signal, KL, mean length and wall time.
 
     python benchmarks/variants.py [--task sentiment] [--seeds 0 1 2] [--steps 40] [--only grpo dr_grpo ...]
+                                  [--set generation.max_new_tokens=24 ...] [--tag short]
 
 Every variant runs the same preset with `algorithm.epochs: 2` (so that the ratio and its
 clipping matter: with one epoch and one minibatch every ratio is exactly 1) and, for the
 group methods, 4 completions per prompt. Writes benchmarks/results/variants-TASK.json and
 prints a Markdown table (mean ± half the spread over seeds). "No-signal steps" are the
 steps whose every prompt group scored alike (groups/zero_std_frac = 1) for group methods,
-or whose batch reward std was 0 otherwise.
+or whose batch reward std was 0 otherwise. `--set` overrides go to every run (e.g. shorter
+completions, so that 3 seeds of 40 steps fit a 2-core machine); with `--tag T` the results
+go to variants-TASK-T.json instead.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ VARIANTS = {
 }
 
 
-def one(task: str, name: str, seed: int, steps: int) -> dict:
+def one(task: str, name: str, seed: int, steps: int, extra: list[str]) -> dict:
     run = Path("runs") / f"var-{task}-{name}-s{seed}"
     cmd = [sys.executable, "-m", "dynalm", "train", "-c", f"configs/{task}.yaml", "--out", str(run), "--force",
            "--set", f"seed={seed}", "--set", f"train.steps={steps}", "--set", "algorithm.epochs=2", "--set", "log.progress=false"]
-    for s in VARIANTS[name]:
+    for s in extra + VARIANTS[name]:
         cmd += ["--set", s]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -65,19 +68,25 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--append", action="store_true", help="add to the task's existing result file (same --steps)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override for every run (repeatable)")
+    ap.add_argument("--tag", default="", help="result file suffix: variants-TASK-TAG.json")
+    ap.add_argument("--append", action="store_true", help="add to the task's existing result file (same --steps and --set)")
     a = ap.parse_args()
     cmd = "python benchmarks/variants.py " + " ".join(sys.argv[1:])
-    path = Path(__file__).parent / "results" / f"variants-{a.task}.json"
-    out = {"machine": machine(), "commands": [cmd], "task": a.task, "steps": a.steps, "variants": {}}
+    stem = f"variants-{a.task}" + (f"-{a.tag}" if a.tag else "")
+    path = Path(__file__).parent / "results" / f"{stem}.json"
+    out = {"machine": machine(), "commands": [cmd], "task": a.task, "steps": a.steps, "sets": a.sets, "variants": {}}
     if a.append and path.is_file():
         out = json.loads(path.read_text())
         out.setdefault("commands", [out.pop("command")] if "command" in out else []).append(cmd)
-        if out["steps"] != a.steps:
-            sys.exit(f"variants.py: error: {path} holds {out['steps']}-step runs, not {a.steps}")
+        if out["steps"] != a.steps or out.get("sets", []) != a.sets:
+            sys.exit(f"variants.py: error: {path} holds {out['steps']}-step runs with --set {out.get('sets', [])}, "
+                     f"not {a.steps} with {a.sets}")
     for name in a.only:
-        out["variants"][name] = {"sets": VARIANTS[name], "runs": [one(a.task, name, s, a.steps) for s in a.seeds]}
-        write_result(f"variants-{a.task}", out)
+        out["variants"][name] = {"sets": VARIANTS[name], "runs": []}
+        for seed in a.seeds:  # written after every run, so an interrupted table keeps what finished
+            out["variants"][name]["runs"].append(one(a.task, name, seed, a.steps, a.sets))
+            write_result(stem, out)
         print(name, json.dumps(out["variants"][name]["runs"]), flush=True)
     print(f"\n| variant | eval reward (base → trained) | no-signal steps | flat groups | KL | mean length | wall |")
     print("|---|---|---|---|---|---|---|")
