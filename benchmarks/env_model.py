@@ -1,6 +1,6 @@
 """Learn the environment from a run's transitions and measure the model on held-out episodes.
 
-    python benchmarks/env_model.py [--config configs/dialog.yaml] [--steps 12] [--run DIR] [--em-set KEY=VALUE ...]
+    python benchmarks/env_model.py [--config configs/dialog.yaml] [--steps 12] [--set KEY=VALUE ...] [--run DIR] [--em-set KEY=VALUE ...]
 
 1. Records: trains the preset for `--steps` steps with `env.record_transitions: true` (or
    reuses `--run DIR`, which has a transitions.jsonl), so training and eval episodes of the
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--run", help="reuse this run's transitions.jsonl instead of recording")
     ap.add_argument("--em-set", action="append", default=[], metavar="KEY=VALUE", help="train-env-model --set")
     ap.add_argument("--em", help="reuse this environment model (a train-env-model folder of the run) instead of training one")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="dynalm train --set for the recording run")
     ap.add_argument("--name", help="result name (default: the config's stem)")
     args = ap.parse_args()
     name = args.name or Path(args.config).stem
@@ -89,7 +90,9 @@ def main() -> None:
     run = Path(args.run) if args.run else Path("runs") / f"envmodel-{name}"
     if not args.run:
         out["record_seconds"] = round(dynalm("train", "-c", args.config, "--out", str(run), "--force", "--set", f"train.steps={args.steps}",
-                                              "--set", "env.record_transitions=true", "--set", "log.progress=false"), 1)
+                                              "--set", "env.record_transitions=true", "--set", "log.progress=false",
+                                              *[a for kv in args.sets for a in ("--set", kv)]), 1)
+        out["record_sets"] = args.sets
     lines = (run / "transitions.jsonl").read_text().splitlines()
     out["transitions"] = len(lines)
     out["sources"] = {}
