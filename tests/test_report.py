@@ -72,3 +72,17 @@ def test_token_view_advantages_are_the_updates_own(tiny_llama, prompts_file, alg
         per_seq = used.advantages[:, 0]
         assert abs(float(per_seq[0] + per_seq[1])) < 1e-5
 
+
+
+def test_planner_rows_skip_an_eval_of_another_model(tmp_path):
+    """`dynalm eval --model M --out RUN/eval-x.json` writes a "model" side, not "trained": the
+    run's report used to fail on it with KeyError 'trained' at the next `dynalm eval --run`."""
+    from dynalm.report import planner_rows
+
+    (tmp_path / "eval-best-of-n.json").write_text(json.dumps({"trained": {"planner": "best-of-n", "reward": 0.5, "env_steps": 12}}))
+    (tmp_path / "eval-imagined.json").write_text(json.dumps({"model": {"planner": "sample", "reward": -0.2}}))
+    cols, rows = planner_rows(tmp_path, {"trained": {"planner": "sample", "reward": 0.25, "kl": 1.0}})
+    assert cols[0] == "planner"
+    assert [r[0] for r in rows] == ["sample", "best-of-n"]
+    assert [r[1] for r in rows] == [0.25, 0.5]
+    assert rows[1][-1] == 12

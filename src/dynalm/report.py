@@ -56,7 +56,9 @@ def planner_rows(run_dir: Path, eval_result: dict | None) -> tuple[list[str], li
     if eval_result and "trained" in eval_result:
         rows.append(eval_result["trained"])
     for p in sorted(run_dir.glob("eval-*.json")):
-        rows.append(json.loads(p.read_text())["trained"])
+        side = json.loads(p.read_text()).get("trained")  # an eval of another model (e.g. `--model`, "model" side) has none
+        if side is not None:
+            rows.append(side)
     if len(rows) < 2:
         return None
     return PLANNER_COLUMNS, [
