@@ -238,6 +238,9 @@ def cmd_train_rm(args) -> int:
     before, after = metrics["before"], metrics["after"]
     key = "accuracy" if metrics["kind"] == "pairs" else "pearson"
     print(f"held-out {key}: {before.get(key)} before → {after.get(key)} after training")
+    if "prefix_after" in metrics:
+        print(f"held-out prefixes (as a critic): pearson {metrics['prefix_before'].get('pearson')} before → "
+              f"{metrics['prefix_after'].get('pearson')} after training")
     print(f"reward model: {args.out} (use it as a reward: name: rm:{args.out})")
     return 0
 

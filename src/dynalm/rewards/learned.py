@@ -58,6 +58,11 @@ class RewardModelConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Rows (or pairs) per gradient step.")
     learning_rate: float = Field(1e-4, gt=0, description="Adam learning rate.")
     max_tokens: int = Field(256, ge=2, description="Longest prompt + completion in tokens; longer ones lose their start.")
+    prefixes: int = Field(
+        0, ge=0, description="Rated completions: also train on this many prefixes of each (cut after a random number of "
+        "its tokens; 0 tokens = the prompt alone), each with the whole completion's reward as its target: the "
+        "Monte-Carlo value of that state, so the model can start a critic (`model.critic_init`) that scores unfinished text."
+    )
     seed: int = Field(0, description="Seed for the split, the shuffling and the head's initialisation.")
     template: str = Field(
         "{prompt}", description="How the prompt is shown ({prompt}); wrapped in the chat template when the tokenizer has one."

@@ -120,6 +120,20 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
     return train, held
 
 
+def prefix_rows(rows: list[dict], tokenizer, k: int, seed: int) -> list[dict]:
+    """`k` prefixes of every rated completion, each cut after a uniformly drawn number of its
+    tokens (0 = the prompt alone; never the whole completion), each with the completion's
+    reward: the Monte-Carlo value target of the state the cut leaves."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        ids = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        for _ in range(k):
+            cut = rng.randrange(len(ids)) if ids else 0
+            out.append({"prompt": r["prompt"], "completion": tokenizer.decode(ids[:cut]), "reward": r["reward"]})
+    return out
+
+
 # ---------------------------------------------------------------------------- training
 def _batch_loss(model: RewardModel, kind: str, batch: list[dict]) -> torch.Tensor:
     prompts = [r["prompt"] for r in batch]
@@ -160,6 +174,9 @@ def train_reward_model(cfg: RewardModelConfig, out_dir: Path | str, echo: Callab
     `before` / `after` evaluation dicts, `steps`, and `train_loss` (mean over the last epoch).
     """
     kind, rows = read_reward_rows(cfg.data)
+    if cfg.prefixes and kind == "pairs":
+        raise UserError(f"prefixes needs rated completions, and {cfg.data} holds preference pairs",
+                        "set prefixes=0, or give {prompt, completion, reward} rows")
     train, held = split_rows(rows, cfg.eval_fraction, cfg.seed)
     if not train:
         raise UserError(
@@ -178,6 +195,15 @@ def train_reward_model(cfg: RewardModelConfig, out_dir: Path | str, echo: Callab
             model.head.bias.fill_(sum(float(r["reward"]) for r in train) / len(train))
     before = evaluate_reward_model(model, kind, eval_rows, cfg.batch_size)
     echo(f"before training ({eval_on}): {_fmt(before)}")
+    prefix_eval: dict = {}
+    fit_rows = train
+    if cfg.prefixes:
+        # the held-out rows' prefixes (never trained on) measure the model as a critic
+        held_prefixes = prefix_rows(eval_rows, model.tokenizer, cfg.prefixes, cfg.seed + 2)
+        fit_rows = train + prefix_rows(train, model.tokenizer, cfg.prefixes, cfg.seed + 3)
+        prefix_eval["before"] = evaluate_reward_model(model, kind, held_prefixes, cfg.batch_size)
+        echo(f"{len(fit_rows)} training rows with {cfg.prefixes} prefixes of each; "
+             f"before training, prefixes ({eval_on}): {_fmt(prefix_eval['before'])}")
 
     opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.learning_rate)
     order_rng = random.Random(cfg.seed + 1)
@@ -185,11 +211,11 @@ def train_reward_model(cfg: RewardModelConfig, out_dir: Path | str, echo: Callab
     epoch_loss = float("nan")
     model.train()
     for epoch in range(cfg.epochs):
-        order = list(range(len(train)))
+        order = list(range(len(fit_rows)))
         order_rng.shuffle(order)
         losses = []
         for i in range(0, len(order), cfg.batch_size):
-            batch = [train[j] for j in order[i : i + cfg.batch_size]]
+            batch = [fit_rows[j] for j in order[i : i + cfg.batch_size]]
             loss = _batch_loss(model, kind, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -202,6 +228,9 @@ def train_reward_model(cfg: RewardModelConfig, out_dir: Path | str, echo: Callab
 
     after = evaluate_reward_model(model, kind, eval_rows, cfg.batch_size)
     echo(f"after training ({eval_on}): {_fmt(after)}")
+    if cfg.prefixes:
+        prefix_eval["after"] = evaluate_reward_model(model, kind, held_prefixes, cfg.batch_size)
+        echo(f"after training, prefixes ({eval_on}): {_fmt(prefix_eval['after'])}")
     metrics = _json_safe(
         {
             "kind": kind,
@@ -212,6 +241,8 @@ def train_reward_model(cfg: RewardModelConfig, out_dir: Path | str, echo: Callab
             "train_loss": epoch_loss,
             "before": before,
             "after": after,
+            **({"prefixes": cfg.prefixes, "prefix_rows": len(held_prefixes), "prefix_before": prefix_eval["before"],
+                "prefix_after": prefix_eval["after"]} if cfg.prefixes else {}),
         }
     )
     save_reward_model(model, out_dir, metrics)
