@@ -44,6 +44,13 @@ def r2(pred: torch.Tensor, y: torch.Tensor) -> float | None:
     return float(1 - ((pred - y) ** 2).mean() / var) if len(y) > 1 and var > 0 else None
 
 
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Correlation: what R² would be with the critic's offset and scale fitted afterwards (as r²)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    den = (xc.square().sum() * yc.square().sum()).sqrt()
+    return float((xc * yc).sum() / den) if len(y) > 1 and den > 0 else None
+
+
 def read_prompt_rows(path: str, field: str) -> list[dict]:
     """JSONL or CSV rows (dynalm's readers), or a plain text file with one prompt a line."""
     from dynalm.data import read_rows
@@ -136,7 +143,8 @@ def main() -> None:
     best = max(LAMBDAS, key=lambda lam: r2(cv[lam], y) or -1e9)
     pred = cv[best]
     by_depth = [
-        {"depths": k, "states": int(m.sum()), "r2_critic": r2(own_v[m], y[m]), "r2_ridge_cv": r2(pred[m], y[m])}
+        {"depths": k, "states": int(m.sum()), "r2_critic": r2(own_v[m], y[m]), "r2_ridge_cv": r2(pred[m], y[m]),
+         "r_critic": pearson(own_v[m], y[m]), "critic_bias": float((own_v[m] - y[m]).mean())}
         for k, m in depth_masks(d, n).items() if m.any()
     ]
     res = {
@@ -157,7 +165,8 @@ def main() -> None:
           f"'{model.critic_kind}': {f(res['r2_critic'])}; best ridge read-out (5-fold CV over prompts, λ={best:g}) "
           f"{f(res['r2_ridge_cv'])}")
     for row in by_depth:
-        print(f"  {row['depths']:>10}: critic {f(row['r2_critic'])}, ridge {f(row['r2_ridge_cv'])}  ({row['states']} states)")
+        print(f"  {row['depths']:>10}: critic {f(row['r2_critic'])} (r {f(row['r_critic'])}, bias {row['critic_bias']:+.3f}), "
+              f"ridge {f(row['r2_ridge_cv'])}  ({row['states']} states)")
 
 
 if __name__ == "__main__":
