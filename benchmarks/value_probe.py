@@ -44,13 +44,6 @@ def r2(pred: torch.Tensor, y: torch.Tensor) -> float | None:
     return float(1 - ((pred - y) ** 2).mean() / var) if len(y) > 1 and var > 0 else None
 
 
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
-    """Correlation: what R² would be with the critic's offset and scale fitted afterwards (as r²)."""
-    xc, yc = x - x.mean(), y - y.mean()
-    den = (xc.square().sum() * yc.square().sum()).sqrt()
-    return float((xc * yc).sum() / den) if len(y) > 1 and den > 0 else None
-
-
 def read_prompt_rows(path: str, field: str) -> list[dict]:
     """JSONL or CSV rows (dynalm's readers), or a plain text file with one prompt a line."""
     from dynalm.data import read_rows
@@ -87,6 +80,7 @@ def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
 def main() -> None:
     from dynalm.envs import make_env
     from dynalm.models.generation import decode_completions, encode_prompts, sample
+    from dynalm.rewards.rm_training import pearson
     from dynalm.run import set_threads
     from dynalm.trained import load_run
 
@@ -144,7 +138,7 @@ def main() -> None:
     pred = cv[best]
     by_depth = [
         {"depths": k, "states": int(m.sum()), "r2_critic": r2(own_v[m], y[m]), "r2_ridge_cv": r2(pred[m], y[m]),
-         "r_critic": pearson(own_v[m], y[m]), "critic_bias": float((own_v[m] - y[m]).mean())}
+         "r_critic": pearson(own_v[m].tolist(), y[m].tolist()), "critic_bias": float((own_v[m] - y[m]).mean())}
         for k, m in depth_masks(d, n).items() if m.any()
     ]
     res = {
