@@ -8,10 +8,10 @@ text alone has never seen a state, so this one is also trained on prefixes of ea
 completion with the completion's reward as the target (`dynalm train-rm --set prefixes=K`,
 the Monte-Carlo value of the state the cut leaves). Four phases, each timed:
 
-1. rollouts: `--per-prompt` completions of the first `--prompts` *training* prompts from the
-   config's untrained policy, scored with its reward, written as rated completions
-   (`runs/critic_init-NAME/rollouts.jsonl`, the prompt as the data rows give it; the reward
-   model renders it with the config's own `data.template`, checked to match the policy's state);
+1. `dynalm rollouts`: `--per-prompt` completions of the first `--prompts` *training* prompts
+   from the config's untrained policy, scored with its reward, written as rated completions
+   (`runs/critic_init-NAME/rollouts.jsonl`, each prompt with the task template applied, so the
+   reward model reads the policy's own state);
 2. `dynalm train-rm` on them with `prefixes=K` (10 % of the rollouts held out, with their
    prefixes: the reward model's R² on held-out states before any RL step);
 3. `dynalm train` of the config with `model.critic=model`, `model.critic_init=` that folder;
@@ -29,47 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result  # noqa: E402
 
 
 def dynalm(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "dynalm", *args], check=True)
-
-
-@torch.no_grad()
-def rollouts(a, out: Path) -> int:
-    from dynalm.config import load_config
-    from dynalm.envs import make_env
-    from dynalm.models.generation import decode_completions, encode_prompts, render_prompt, sample
-    from dynalm.models.policy import PolicyValueModel
-    from dynalm.run import set_threads, train_rows
-
-    cfg = load_config(a.config, a.set)
-    set_threads(cfg)
-    model = PolicyValueModel.from_config(cfg).eval()
-    env = make_env(cfg, model)
-    prompts = train_rows(cfg)[: a.prompts]
-    field = cfg.data.prompt_field
-    state = env.reset(prompts[0])
-    shown = render_prompt(model.tokenizer, cfg.data.template.format(prompt=prompts[0][field]), chat=True, system_prompt=None)
-    if shown != state:  # the reward model must read the state the critic will read
-        sys.exit(f"the reward model's rendering differs from the policy's state:\n{shown!r}\n{state!r}")
-    rows = [r for r in prompts for _ in range(a.per_prompt)]
-    gen = torch.Generator(device=model.device).manual_seed(a.seed)
-    with out.open("w", encoding="utf-8") as f:
-        for s in range(0, len(rows), a.batch):
-            chunk = rows[s : s + a.batch]
-            p_ids, p_mask, _ = encode_prompts(model.tokenizer, [env.reset(r) for r in chunk], cfg.model.max_prompt_tokens, model.device)
-            ids, _, amask, _, _, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False)
-            comps = decode_completions(model.tokenizer, ids, amask, ended)
-            _, scored, _ = env.step(chunk, comps, ended.tolist())
-            for r, c, x in zip(chunk, comps, scored.scores):
-                f.write(json.dumps({"prompt": r[field], "completion": c, "reward": float(x)}) + "\n")
-            print(f"{s + len(chunk)}/{len(rows)} rollouts", flush=True)
-    return len(rows)
 
 
 def main() -> None:
@@ -85,20 +50,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     a = ap.parse_args()
-    from dynalm.config import load_config
 
-    cfg = load_config(a.config, a.set)
     name = a.name or Path(a.config).stem
     root = Path("runs") / f"critic_init-{name}"
     root.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    n = rollouts(a, root / "rollouts.jsonl")
+    dynalm("rollouts", "-c", a.config, *[x for s in a.set for x in ("--set", s)], "--out", str(root / "rollouts.jsonl"),
+           "--prompts", str(a.prompts), "--per-prompt", str(a.per_prompt), "--batch", str(a.batch), "--seed", str(a.seed), "--force")
+    n = len((root / "rollouts.jsonl").read_text().splitlines())
     seconds["rollouts"] = time.perf_counter() - t
 
     t = time.perf_counter()
     dynalm("train-rm", "--data", str(root / "rollouts.jsonl"), "--out", str(root / "rm"),
-           "--set", f"prefixes={a.prefixes}", "--set", f"epochs={a.epochs}", "--set", f"template={json.dumps(cfg.data.template)}",
+           "--set", f"prefixes={a.prefixes}", "--set", f"epochs={a.epochs}",
            "--set", f"seed={a.seed}")
     seconds["train_rm"] = time.perf_counter() - t
     rm = json.loads((root / "rm" / "reward_model.json").read_text())["metrics"]

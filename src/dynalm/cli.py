@@ -1,4 +1,4 @@
-"""`dynalm` command line: train, generate, eval, config.
+"""`dynalm` command line: train, generate, eval, train-rm, rollouts, train-env-model, config, runs.
 
 A user's mistake prints one line, `dynalm: error: <what> (<how to fix>)`, and exits 2.
 Under `accelerate launch` (several processes) an error every process hits alike (a config
@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", "-o", required=True, help="folder for reward_model.safetensors + reward_model.json")
     r.add_argument("--model", help="trunk LM (default: the embedded smollm2-135m-instruct)")
     r.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a reward-model setting")
+
+    ro = sub.add_parser("rollouts", help="rated completions of a policy on its training prompts: rows for train-rm")
+    src = ro.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", "-c", help="YAML config: its untrained policy, prompts and reward")
+    src.add_argument("--run", help="run directory: its trained policy")
+    ro.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    ro.add_argument("--out", "-o", required=True, help='JSONL file of {"prompt","completion","reward"} rows')
+    ro.add_argument("--prompts", type=int, default=128, help="the first N training prompts (default 128)")
+    ro.add_argument("--per-prompt", type=int, default=4, help="completions per prompt (default 4)")
+    ro.add_argument("--batch", type=int, default=32, help="completions sampled at once (default 32)")
+    ro.add_argument("--seed", type=int, default=0)
+    ro.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     em = sub.add_parser("train-env-model", help="learn the environment: an LM trained on a run's transitions.jsonl")
     em.add_argument("--data", "-d", required=True, help="RUN/transitions.jsonl (written with env.record_transitions: true) or RUN")
@@ -245,6 +257,36 @@ def cmd_train_rm(args) -> int:
     return 0
 
 
+def cmd_rollouts(args) -> int:
+    from .config import load_config, parse_set
+    from .models.policy import PolicyValueModel
+    from .rl.trainer import seed_everything
+    from .rollouts import check_out, rated_rows, write_rollouts
+    from .run import set_threads, train_rows
+    from .trained import load_run
+
+    out = Path(args.out)
+    check_out(out, args.force)
+    if args.prompts < 1:
+        raise UserError("--prompts must be at least 1", "pass 1 or more")
+    if args.run:
+        cfg, model = load_run(args.run, parse_set(args.set))
+        rows = train_rows(cfg)[: args.prompts]
+    else:
+        cfg = load_config(args.config, args.set)
+        rows = train_rows(cfg)[: args.prompts]
+        rated_rows(cfg, rows)  # refused before the model loads
+        seed_everything(cfg.seed)  # the untrained policy a run of this config starts from (its LoRA init)
+        model = PolicyValueModel.from_config(cfg)
+    set_threads(cfg)
+    res = write_rollouts(cfg, model, rows, out, per_prompt=args.per_prompt, batch=args.batch, seed=args.seed,
+                         echo=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"wrote {res['rows']} rated completions to {out} (reward mean {res['reward_mean']:.4f}, std {res['reward_std']:.4f})")
+    print(f"next: dynalm train-rm --data {out} --out RM --set prefixes=4, then train with "
+          "--set model.critic=model --set model.critic_init=RM")
+    return 0
+
+
 def cmd_train_env_model(args) -> int:
     from pydantic import ValidationError
 
@@ -331,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             err = UserError(f"only `dynalm train` runs data-parallel, not `dynalm {args.cmd}`", "run it without accelerate launch")
             err.all_ranks = True
             raise err
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "train-env-model": cmd_train_env_model,
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "train-rm": cmd_train_rm, "rollouts": cmd_rollouts,
+                "train-env-model": cmd_train_env_model,
                 "config": cmd_config,
                 "runs": cmd_runs}[args.cmd](args)
     except UserError as err:
