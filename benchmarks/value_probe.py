@@ -14,6 +14,11 @@ the features the critic reads (ridge, L2 strength by 5-fold cross-validation ove
 so a fold never sees its prompts' rollouts), by depth: the prompt; 1–4, 5–14, 15–29, 30+
 completion tokens (unfinished); the finished text; and every state after ≥ 15 tokens.
 R² ≤ 0 means the critic tells a good state from a bad one no better than the mean reward.
+Also, per depth, R² and r of the critic against the return it is trained towards: the
+trainer's own per-token rewards of that rollout (objectives.add_token_rewards at the run's
+final β: −β·KL per token where the algorithm puts KL in the reward, fluency, the score on the
+last token) summed from the state on, discounted by algorithm.gamma (the Monte-Carlo return;
+the finished text's target stays its score).
 Writes benchmarks/results/NAME.json (default value_probe-<run folder name>).
 """
 
@@ -79,6 +84,8 @@ def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def main() -> None:
     from dynalm.envs import make_env
+    from dynalm.rl.batch import Batch
+    from dynalm.rl.objectives import add_token_rewards
     from dynalm.models.generation import decode_completions, encode_prompts, sample
     from dynalm.rewards.rm_training import pearson
     from dynalm.run import set_threads
@@ -102,15 +109,27 @@ def main() -> None:
     prompts = prompts[: a.max_prompts] if a.max_prompts else prompts
     rows = [(i, r) for i, r in enumerate(prompts) for _ in range(a.per_prompt)]
     gen = torch.Generator(device=model.device).manual_seed(0)
-    feats, targets, groups, depths, lengths, own = [], [], [], [], [], []
+    feats, targets, groups, depths, lengths, own, rets = [], [], [], [], [], [], []
+    beta = model.trained_beta if model.trained_beta is not None else cfg.kl.coef
     t0 = time.perf_counter()
     for s in range(0, len(rows), a.batch):
         chunk = rows[s : s + a.batch]
         states = [env.reset(r) for _, r in chunk]
         p_ids, p_mask, _ = encode_prompts(model.tokenizer, states, cfg.model.max_prompt_tokens, model.device)
-        ids, attn, amask, _, _, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False)
+        ids, attn, amask, logp, _, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False)
         comps = decode_completions(model.tokenizer, ids, amask, ended)
         _, scored, _ = env.step([r for _, r in chunk], comps, ended.tolist())
+        T = amask.shape[1]
+        b = Batch(ids, attn, amask, logp, None, states, comps, torch.tensor([gi for gi, _ in chunk]), ended,
+                  ref_logprobs=model.reference_logprobs(ids, attn, T, cfg.generation.temperature),
+                  scores=torch.tensor(scored.scores, dtype=torch.float32))
+        add_token_rewards(b, beta, algorithm=cfg.algorithm, kl=cfg.kl, fluency_coef=cfg.env.fluency_coef,
+                          max_new_tokens=cfg.generation.max_new_tokens)
+        ret = torch.zeros_like(b.rewards[:, 0]).double()
+        to_go = torch.zeros(b.rewards.shape, dtype=torch.float64)
+        for t in reversed(range(T)):  # G_t = r_t + γ·G_{t+1}
+            ret = b.rewards[:, t].double() + cfg.algorithm.gamma * ret
+            to_go[:, t] = ret
         h = model.critic_hidden(ids, attn)  # the features the critic's head reads
         v = model.state_values(ids, attn)
         P = p_ids.shape[1]
@@ -119,11 +138,13 @@ def main() -> None:
             feats.append(h[j, P - 1 : P + n].double())  # states s_0 .. s_n (left-padded prompts end at P-1)
             own.append(v[j, P - 1 : P + n].double())
             targets += [scored.scores[j]] * (n + 1)
+            rets += to_go[j, :n].tolist() + [scored.scores[j]]
             groups += [gi] * (n + 1)
             depths += list(range(n + 1))
             lengths += [n] * (n + 1)
         print(f"{s + len(chunk)}/{len(rows)} rollouts, {time.perf_counter() - t0:.0f} s", flush=True)
     X, y, own_v = torch.cat(feats), torch.tensor(targets, dtype=torch.float64), torch.cat(own)
+    G = torch.tensor(rets, dtype=torch.float64)
     g, d, n = torch.tensor(groups), torch.tensor(depths), torch.tensor(lengths)
     folds = g % 5
     cv = {}
@@ -138,7 +159,9 @@ def main() -> None:
     pred = cv[best]
     by_depth = [
         {"depths": k, "states": int(m.sum()), "r2_critic": r2(own_v[m], y[m]), "r2_ridge_cv": r2(pred[m], y[m]),
-         "r_critic": pearson(own_v[m].tolist(), y[m].tolist()), "critic_bias": float((own_v[m] - y[m]).mean())}
+         "r_critic": pearson(own_v[m].tolist(), y[m].tolist()), "critic_bias": float((own_v[m] - y[m]).mean()),
+         "r2_critic_return": r2(own_v[m], G[m]), "r_critic_return": pearson(own_v[m].tolist(), G[m].tolist()),
+         "critic_bias_return": float((own_v[m] - G[m]).mean())}
         for k, m in depth_masks(d, n).items() if m.any()
     ]
     res = {
@@ -147,6 +170,7 @@ def main() -> None:
         "prompts": source, "n_prompts": len(prompts), "rollouts": len(rows), "states": int(y.numel()),
         "reward_mean": float(y.mean()), "reward_std_over_states": float(y.std()),
         "r2_critic": r2(own_v, y), "r2_ridge_cv": r2(pred, y), "ridge_lambda": best,
+        "beta": beta, "gamma": cfg.algorithm.gamma, "r2_critic_return": r2(own_v, G),
         "r2_ridge_cv_by_lambda": {str(k): r2(v, y) for k, v in cv.items()}, "by_depth": by_depth,
         "seconds": time.perf_counter() - t0,
     }
@@ -160,7 +184,8 @@ def main() -> None:
           f"{f(res['r2_ridge_cv'])}")
     for row in by_depth:
         print(f"  {row['depths']:>10}: critic {f(row['r2_critic'])} (r {f(row['r_critic'])}, bias {row['critic_bias']:+.3f}), "
-              f"ridge {f(row['r2_ridge_cv'])}  ({row['states']} states)")
+              f"ridge {f(row['r2_ridge_cv'])}; against the return: critic {f(row['r2_critic_return'])} "
+              f"(r {f(row['r_critic_return'])}, bias {row['critic_bias_return']:+.3f})  ({row['states']} states)")
 
 
 if __name__ == "__main__":
