@@ -225,7 +225,39 @@ def test_values_of_a_critic_with_its_own_trunk_in_sampling_and_search(tiny_llama
     with torch.no_grad():
         full = torch.cat([p_ids, torch.tensor([[child.token]])], 1)
         v = float(m.state_values(full, torch.ones_like(full))[0, -1])
-    assert child.value == pytest.approx(v + child.path_reward, abs=1e-6)
+    assert child.value == pytest.approx(v + child.path_reward, abs=1e-5)  # the prompt's pass cached: PrefixCritic
+
+
+@pytest.mark.parametrize("fixture,critic", [("tiny_llama", "adapter"), ("tiny_llama", "model"), ("tiny_gpt2", "model")])
+def test_prefix_critic_caches_the_prefix_and_matches_a_full_pass(fixture, critic, request, prompts_file):
+    """MCTS reads a separate critic through PrefixCritic: the prefix's pass cached, each path
+    forwarded alone; every value equals state_values over the whole text."""
+    from dynalm.models.critic import PrefixCritic
+
+    cfg, m = _model(request.getfixturevalue(fixture), prompts_file, model={"critic": critic, "device": "cpu"},
+                    algorithm={"name": "ppo", "value_norm": True})
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5 * torch.randn_like(p))
+        m.value_head.weight.normal_()
+        m.value_norm.mean.fill_(0.7)
+        m.value_norm.var.fill_(4.0)
+    m.eval()
+    seen = []
+    trunk = m.lm if critic == "adapter" else m.critic_lm
+    hook = trunk.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    pc = PrefixCritic(m)
+    prompt = [5, 6, 7, 8, 9]
+    calls = [(prompt, []), (prompt, [10]), (prompt, [11, 12, 13]), (prompt + [10], [14]), (prompt + [10, 14], []),
+             (prompt + [10, 14], [3, 4]), ([5, 6, 20], [21])]  # the last one is no extension: the cache starts over
+    got = [pc.value(pre, path) for pre, path in calls]
+    hook.remove()
+    with torch.no_grad():
+        for v, (pre, path) in zip(got, calls):
+            ids = torch.tensor([pre + path])
+            assert v == pytest.approx(float(m.state_values(ids, torch.ones_like(ids))[0, -1]), rel=1e-5, abs=1e-5)
+    assert seen == [5, 1, 3, 1, 1, 1, 2, 3, 1]  # only the tokens not in the cache are forwarded
 
 
 def test_adapter_critic_with_popart_trains_resumes_and_exports(tiny_llama, prompts_file, tmp_path):

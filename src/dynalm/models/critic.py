@@ -151,3 +151,42 @@ class ValueNorm(nn.Module):
         sigma = self.std
         head.weight.mul_(old_sigma / sigma)
         head.bias.copy_((old_sigma * head.bias + old_mu - self.mean) / sigma)
+
+
+class PrefixCritic:
+    """V(prefix + path) for many short paths below one prefix that only grows (a search's
+    committed text), read by a critic with a trunk of its own (`model.critic: adapter |
+    model`): its pass over the prefix is kept as a KV cache, so a path costs a forward of the
+    path's tokens alone rather than of the whole text. One unpadded sequence; positions run on
+    from the prefix; the same numbers as `state_values` up to float rounding."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ids: list[int] = []
+        self.cache = None
+        self.last = None  # the last hidden state of the prefix
+
+    @torch.no_grad()
+    def _forward(self, tokens: list[int]) -> torch.Tensor:
+        m, start = self.model, len(self.ids)
+        ids = torch.tensor([tokens], dtype=torch.long, device=m.device)
+        pos = torch.arange(start, start + len(tokens), device=m.device)[None]
+        with m.critic_trunk() as lm, m.autocast():
+            out = lm(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True, output_hidden_states=True,
+                     logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.hidden_states[-1][0, -1].float()
+
+    @torch.no_grad()
+    def value(self, prefix: list[int], path: list[int]) -> float:
+        """V of the text `prefix + path` (token ids, the prompt's included)."""
+        if self.cache is None or prefix[: len(self.ids)] != self.ids:  # not an extension of the cached prefix
+            self.ids, self.cache, self.last = [], None, None
+        if len(prefix) > len(self.ids):
+            self.last = self._forward(prefix[len(self.ids):])
+            self.ids = list(prefix)
+        if not path:
+            return float(self.model._value(self.last[None]).reshape(()))
+        h = self._forward(path)
+        self.cache.crop(-len(path))  # back to the prefix for the next path
+        return float(self.model._value(h[None]).reshape(()))

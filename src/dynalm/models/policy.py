@@ -284,15 +284,18 @@ class PolicyValueModel(nn.Module):
         v = self.value_head(h).squeeze(-1)
         return self.value_norm(v) if self.value_norm is not None else v
 
+    @contextlib.contextmanager
+    def critic_trunk(self):
+        """The LM whose last hidden layer the critic reads, set up for the pass (adapter: active)."""
+        if self.critic_kind == "adapter":
+            with adapter_active(self.lm, CRITIC_ADAPTER, self._critic_adapter):
+                yield self.lm
+        else:
+            yield self.lm if self.critic_kind == "head" else self.critic_lm
+
     def critic_hidden(self, input_ids, attention_mask) -> torch.Tensor:
         """The last hidden layer the critic reads, at every position [B, L, H] (float32)."""
-        if self.critic_kind == "head":
-            lm, ctx = self.lm, contextlib.nullcontext()
-        elif self.critic_kind == "adapter":
-            lm, ctx = self.lm, adapter_active(self.lm, CRITIC_ADAPTER, self._critic_adapter)
-        else:
-            lm, ctx = self.critic_lm, contextlib.nullcontext()
-        with ctx, self.autocast():
+        with self.critic_trunk() as lm, self.autocast():
             out = lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 output_hidden_states=True, use_cache=False, logits_to_keep=1,

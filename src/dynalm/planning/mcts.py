@@ -58,6 +58,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import UserError
+from ..models.critic import PrefixCritic
 from ..models.fastdecode import decoder_for, static_cache
 from ..models.generation import stop_ids
 from . import kv as kvx
@@ -109,6 +110,7 @@ class TokenMCTS:
         # own trunk (model.critic: adapter | model) runs one pass of its own over the node's text.
         self.own_values = self.want_values and getattr(model, "critic_kind", "head") == "head"
         self.prompt_ids = prompt_ids
+        self.prefix_critic = PrefixCritic(model) if self.want_values and not self.own_values else None
         logits, value, self.root_kv = kvx.prefill(model, model.lm, prompt_ids, want_values=self.own_values)
         self.forward_passes += 1
         if self.want_values and not self.own_values:
@@ -297,11 +299,10 @@ class TokenMCTS:
 
     @torch.no_grad()
     def _critic_value(self, path_tokens: list[int]) -> float:
-        """V(s) of the prompt + the committed tokens + `path_tokens`, by the critic's own pass."""
-        toks = torch.tensor([self.committed + path_tokens], dtype=torch.long, device=self.prompt_ids.device)
-        ids = torch.cat([self.prompt_ids, toks], dim=1)
+        """V(s) of the prompt + the committed tokens + `path_tokens`, by the critic's own pass
+        (its pass over the prompt and committed tokens cached: models/critic.PrefixCritic)."""
         self.forward_passes += 1
-        return float(self.model.state_values(ids, torch.ones_like(ids))[0, -1])
+        return self.prefix_critic.value(self.prompt_ids[0].tolist() + self.committed, path_tokens)
 
     def _leaf_value(self, value, tokens: list[int], path_reward: float, reward: float | None = None) -> float:
         """An unfinished leaf's score: V(s), the reward of the partial text (`reward` where the
