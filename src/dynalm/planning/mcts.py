@@ -107,7 +107,7 @@ class TokenMCTS:
             fast.refresh(adapters_on=True)  # the weights do not change during a search
         self.want_values = cfg.leaf in ("value", "mean")
         # A head on the policy's trunk reads V off the policy's own forward; a critic with its
-        # own trunk (model.critic: adapter | model) runs one pass of its own over the node's text.
+        # own trunk (model.critic: adapter | model) runs its own pass over each leaf's path, the prefix cached.
         self.own_values = self.want_values and getattr(model, "critic_kind", "head") == "head"
         self.prompt_ids = prompt_ids
         self.prefix_critic = PrefixCritic(model) if self.want_values and not self.own_values else None
