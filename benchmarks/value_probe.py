@@ -84,6 +84,7 @@ def depth_masks(d: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def main() -> None:
     from dynalm.envs import make_env
+    from dynalm.rl.advantages import gae
     from dynalm.rl.batch import Batch
     from dynalm.rl.objectives import add_token_rewards
     from dynalm.models.generation import decode_completions, encode_prompts, sample
@@ -125,11 +126,9 @@ def main() -> None:
                   scores=torch.tensor(scored.scores, dtype=torch.float32))
         add_token_rewards(b, beta, algorithm=cfg.algorithm, kl=cfg.kl, fluency_coef=cfg.env.fluency_coef,
                           max_new_tokens=cfg.generation.max_new_tokens)
-        ret = torch.zeros_like(b.rewards[:, 0]).double()
-        to_go = torch.zeros(b.rewards.shape, dtype=torch.float64)
-        for t in reversed(range(T)):  # G_t = r_t + γ·G_{t+1}
-            ret = b.rewards[:, t].double() + cfg.algorithm.gamma * ret
-            to_go[:, t] = ret
+        # G_t = r_t + γ·G_{t+1}: GAE with λ = 1 and V = 0 is the Monte-Carlo return to go
+        _, to_go = gae(b.rewards.double(), torch.zeros_like(b.rewards, dtype=torch.float64), amask.double(),
+                       cfg.algorithm.gamma, 1.0)
         h = model.critic_hidden(ids, attn)  # the features the critic's head reads
         v = model.state_values(ids, attn)
         P = p_ids.shape[1]

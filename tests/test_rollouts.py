@@ -83,6 +83,8 @@ def test_rollouts_refuse_multi_turn_envs_and_conversations(tiny_llama, prompts_f
     with pytest.raises(UserError) as err:
         rated_rows(cfg, [{"prompt": [{"role": "user", "content": "hi"}]}])
     assert str(err.value) == "rollouts needs text prompts, and the data holds conversations (give rows whose prompt is a string)"
+    assert main(["rollouts", "-c", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x.jsonl"), "--per-prompt", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dynalm: error: --per-prompt and --batch must be at least 1 (pass 1 or more)"
     out = tmp_path / "d"
     out.mkdir()
     assert main(["rollouts", "-c", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2

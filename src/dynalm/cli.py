@@ -261,7 +261,7 @@ def cmd_rollouts(args) -> int:
     from .config import load_config, parse_set
     from .models.policy import PolicyValueModel
     from .rl.trainer import seed_everything
-    from .rollouts import check_out, rated_rows, write_rollouts
+    from .rollouts import check_counts, check_out, rated_rows, write_rollouts
     from .run import set_threads, train_rows
     from .trained import load_run
 
@@ -269,6 +269,7 @@ def cmd_rollouts(args) -> int:
     check_out(out, args.force)
     if args.prompts < 1:
         raise UserError("--prompts must be at least 1", "pass 1 or more")
+    check_counts(args.per_prompt, args.batch)  # before any model loads
     if args.run:
         cfg, model = load_run(args.run, parse_set(args.set))
         rows = train_rows(cfg)[: args.prompts]

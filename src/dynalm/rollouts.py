@@ -12,12 +12,12 @@ train-rm's default template reads exactly the state the policy and its critic re
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .checkpoint import write_text_atomic
 from .config import Config
 from .data import is_messages, render_template
 from .errors import UserError
@@ -31,6 +31,11 @@ def check_out(out: Path, force: bool) -> None:
         raise UserError(f"--out '{out}' is a folder", "give a file name, e.g. rollouts.jsonl")
     if out.exists() and not force:
         raise UserError(f"'{out}' already exists", "pass --force to replace it, or choose another --out")
+
+
+def check_counts(*counts: int) -> None:
+    if any(n < 1 for n in counts):
+        raise UserError("--per-prompt and --batch must be at least 1", "pass 1 or more")
 
 
 def rated_rows(cfg: Config, rows: list[dict]) -> list[str]:
@@ -62,35 +67,28 @@ def write_rollouts(
     there). Returns {rows, reward_mean, reward_std}."""
     from .envs import TextEnv
 
-    if per_prompt < 1 or batch < 1:
-        raise UserError("--per-prompt and --batch must be at least 1", "pass 1 or more")
+    check_counts(per_prompt, batch)
     texts = rated_rows(cfg, rows)
     env = TextEnv(cfg, model.tokenizer)
     tok = model.tokenizer
     model.eval()
     todo = [(r, t) for r, t in zip(rows, texts) for _ in range(per_prompt)]
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    lines: list[str] = []
     rewards: list[float] = []
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for s in range(0, len(todo), batch):
-                chunk = todo[s : s + batch]
-                states = [env.reset(r) for r, _ in chunk]
-                p_ids, p_mask, _ = encode_prompts(tok, states, cfg.model.max_prompt_tokens, model.device)
-                ids, _, amask, _, _, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False)
-                comps = decode_completions(tok, ids, amask, ended)
-                _, scored, _ = env.step([r for r, _ in chunk], comps, ended.tolist())
-                for (_, text), c, x in zip(chunk, comps, scored.scores):
-                    rewards.append(float(x))
-                    f.write(json.dumps({"prompt": text, "completion": c, "reward": float(x)}, ensure_ascii=False) + "\n")
-                echo(f"{s + len(chunk)}/{len(todo)} rollouts")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    for s in range(0, len(todo), batch):
+        chunk = todo[s : s + batch]
+        states = [env.reset(r) for r, _ in chunk]
+        p_ids, p_mask, _ = encode_prompts(tok, states, cfg.model.max_prompt_tokens, model.device)
+        ids, _, amask, _, _, ended = sample(model, p_ids, p_mask, cfg.generation, generator=gen, with_values=False)
+        comps = decode_completions(tok, ids, amask, ended)
+        _, scored, _ = env.step([r for r, _ in chunk], comps, ended.tolist())
+        for (_, text), c, x in zip(chunk, comps, scored.scores):
+            rewards.append(float(x))
+            lines.append(json.dumps({"prompt": text, "completion": c, "reward": float(x)}, ensure_ascii=False) + "\n")
+        echo(f"{s + len(chunk)}/{len(todo)} rollouts")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, "".join(lines))
     n = len(rewards)
     mean = sum(rewards) / n if n else float("nan")
     std = (sum((x - mean) ** 2 for x in rewards) / n) ** 0.5 if n else float("nan")
