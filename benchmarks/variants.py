@@ -83,7 +83,7 @@ def main() -> None:
             sys.exit(f"variants.py: error: {path} holds {out['steps']}-step runs with --set {out.get('sets', [])}, "
                      f"not {a.steps} with {a.sets}")
     for name in a.only:
-        out["variants"][name] = {"sets": VARIANTS[name], "runs": []}
+        out["variants"][name] = {"sets": VARIANTS[name], "machine": machine(), "runs": []}
         for seed in a.seeds:  # written after every run, so an interrupted table keeps what finished
             out["variants"][name]["runs"].append(one(a.task, name, seed, a.steps, a.sets))
             write_result(stem, out)
