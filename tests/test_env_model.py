@@ -101,6 +101,37 @@ def test_observation_nll_and_heads_match_a_full_forward_by_hand(tiny_llama):
     assert float(out["nll"][0]) != pytest.approx(float(base["nll"][0]), abs=1e-3)
 
 
+def test_imagined_observations_stop_at_the_longest_real_one(tiny_llama, monkeypatch):
+    import dynalm.envmodel.network as net
+
+    model = _em(tiny_llama)
+    budgets = []
+    real_sample = net.sample
+
+    def spy(lm, ids, mask, gen, **kw):
+        out = real_sample(lm, ids, mask, gen, **kw)
+        budgets.append((gen.max_new_tokens, out[0].shape[1] - ids.shape[1]))
+        return out
+
+    monkeypatch.setattr(net, "sample", spy)
+    states, actions = [[U("the cat")], [U("a king")]], ["sat on", "ran"]
+    model.done_head.bias.data.fill_(-10.0)  # never ends: every row writes an observation
+    assert model.longest_observation is None and model.observation_budget() == model.cfg.max_observation_tokens
+    rows = [{"next_observation": [U("yes the dog")]}, {"next_observation": [U("no")]}, {"next_observation": None}]
+    model.note_observations(rows)
+    longest = len(model.target_ids([U("yes the dog")]))
+    assert 2 <= longest < model.cfg.max_observation_tokens and model.longest_observation == longest
+    model.note_observations([{"next_observation": [U("no")]}])  # a shorter one does not lower it
+    assert model.longest_observation == longest and model.observation_budget() == longest
+    capped, _, _ = model.step(states, actions, generator=torch.Generator().manual_seed(3))
+    model.cfg.cap_to_longest_seen = False
+    free, _, _ = model.step(states, actions, generator=torch.Generator().manual_seed(3))
+    assert budgets == [(longest, longest), (model.cfg.max_observation_tokens, model.cfg.max_observation_tokens)]
+    # the cap only cuts: the same draws, stopped earlier (the random model writes no end of turn)
+    for c, f in zip(capped, free):
+        assert f[0]["content"].startswith(c[0]["content"]) and len(f[0]["content"]) > len(c[0]["content"])
+
+
 @pytest.fixture()
 def echo_run(tiny_llama, prompts_file, tmp_path):
     (tmp_path / "echo_env.py").write_text(ECHO_ENV)
@@ -127,6 +158,11 @@ def test_train_env_model_learns_the_observations_saves_and_runs_as_an_environmen
     # "yes the cat" / "no the dog" are easy to learn: the held-out NLL falls far below the prompted base model's
     assert m["trained"]["nll_per_token"] < 0.5 * m["prompted_base"]["nll_per_token"]
     assert meta["openings"] == [[{"role": "user", "content": "once upon a time"}]]
+    from dynalm.envmodel.train import load_env_model
+
+    loaded = load_env_model(em)[0]
+    assert meta["longest_observation"] == loaded.longest_observation == max(
+        len(loaded.target_ids(o)) for o in ([U("yes the cat")], [U("no the dog")]))
     # the learned model as an environment: a run inside it, transitions marked imagined
     over["env"] = {"kind": "model", "path": str(em), "max_turns": 3, "record_transitions": True}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(over))

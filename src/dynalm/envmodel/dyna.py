@@ -105,6 +105,7 @@ class EnvDyna:
         if m["nll_per_token"] is not None:  # no observation in these transitions: nothing to score
             out["dyna/env_model_nll"] = m["nll_per_token"]
         self.buffer = (self.buffer + real)[-self.cfg.dyna.max_buffer :]
+        self.model.note_observations(real)
         if self.opt is not None:
             out["dyna/env_model_fit_loss"] = self._fit()
         return out
@@ -137,7 +138,7 @@ class EnvDyna:
         return {"model": self.model.trainable_state_dict(), "opt": self.opt.state_dict() if self.opt else None,
                 "buffer": list(self.buffer), "openings": list(self.env.openings), "real_steps": self.real_steps,
                 "imagined_steps": self.imagined_steps, "reward": (self.model.reward_mean, self.model.reward_std, self.scaled),
-                "rng": self.rng.getstate()}
+                "longest_observation": self.model.longest_observation, "rng": self.rng.getstate()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"], strict=False)
@@ -146,4 +147,5 @@ class EnvDyna:
         self.buffer, self.env.openings = list(s["buffer"]), list(s["openings"])
         self.real_steps, self.imagined_steps = s["real_steps"], s["imagined_steps"]
         self.model.reward_mean, self.model.reward_std, self.scaled = s["reward"]
+        self.model.longest_observation = s.get("longest_observation")
         self.rng.setstate(s["rng"])

@@ -57,6 +57,9 @@ class EnvModelConfig(BaseModel):
     done_coef: float = Field(1.0, ge=0, description="Weight of the termination head's cross-entropy.")
     max_tokens: int = Field(512, ge=16, description="Longest state + action prompt; longer ones lose their start.")
     max_observation_tokens: int = Field(64, ge=1, description="Observation tokens trained on (and written) at most.")
+    cap_to_longest_seen: bool = Field(
+        True, description="Imagined observations stop at the longest observation the model was trained on "
+        "(tokens, its end of turn included), at most max_observation_tokens; false: at max_observation_tokens.")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="The system message that tells the LM it plays the environment.")
     generation: GenerationConfig = Field(
         default_factory=_observation_generation, description="How observations are sampled when the model is an environment."
@@ -77,6 +80,7 @@ class EnvModel(nn.Module):
             nn.init.normal_(h.weight, std=0.1 / math.sqrt(hidden + 1))
             nn.init.zeros_(h.bias)
         self.reward_mean, self.reward_std = float(reward_mean), float(reward_std)
+        self.longest_observation: int | None = None  # tokens of the longest observation trained on
 
     @classmethod
     def build(cls, cfg: EnvModelConfig, device: torch.device | str | None = None) -> "EnvModel":
@@ -123,6 +127,19 @@ class EnvModel(nn.Module):
         if len(ids) >= self.cfg.max_observation_tokens or eos is None:
             return ids[: self.cfg.max_observation_tokens]
         return ids + [eos]
+
+    def note_observations(self, rows: list[dict]) -> None:
+        """Remember the longest observation (in `target_ids` tokens) among these training rows."""
+        n = max((len(self.target_ids(r["next_observation"])) for r in rows), default=0)
+        self.longest_observation = max(n, self.longest_observation or 0) or None
+
+    def observation_budget(self) -> int:
+        """Tokens an imagined observation may take: a model that drifts past its end of turn is
+        cut where the longest real observation would have ended."""
+        cap = self.cfg.max_observation_tokens
+        if self.cfg.cap_to_longest_seen and self.longest_observation:
+            cap = min(cap, self.longest_observation)
+        return cap
 
     def _prompt_ids(self, state, action) -> list[int]:
         text = self.prompt_text(state, action)
@@ -194,7 +211,8 @@ class EnvModel(nn.Module):
     def step(self, states: list[list[dict]], actions: list[str], generator: torch.Generator | None = None):
         """One imagined environment step per (state, action): (observations — chat messages,
         None where the model ends the episode —, rewards, terminated). Termination is
-        P(done | s, a) > 1/2; observations are sampled with `cfg.generation`."""
+        P(done | s, a) > 1/2; observations are sampled with `cfg.generation`, for at most
+        `observation_budget()` tokens."""
         was = self.training
         self.eval()
         try:
@@ -207,7 +225,7 @@ class EnvModel(nn.Module):
             if go:
                 texts = [self.prompt_text(states[i], actions[i]) for i in go]
                 ids, mask, _ = encode_prompts(self.tokenizer, texts, self.cfg.max_tokens, self.device)
-                gen = self.cfg.generation.model_copy(update={"max_new_tokens": self.cfg.max_observation_tokens})
+                gen = self.cfg.generation.model_copy(update={"max_new_tokens": self.observation_budget()})
                 out_ids, _, amask, _, _, ended = sample(self.lm, ids, mask, gen, generator=generator, with_values=False)
                 for i, text in zip(go, decode_completions(self.tokenizer, out_ids, amask, ended)):
                     obs[i] = parse_observation(text) if text else [{"role": "user", "content": ""}]

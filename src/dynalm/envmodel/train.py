@@ -88,6 +88,7 @@ def train_env_model(cfg: EnvModelConfig, out_dir: Path | str, echo: Callable[[st
     model.reward_mean = sum(rs) / len(rs)
     sd = math.sqrt(sum((x - model.reward_mean) ** 2 for x in rs) / len(rs))
     model.reward_std = sd if sd > 1e-8 else 1.0
+    model.note_observations(train)
     base = evaluate_env_model(model, eval_rows, cfg.batch_size, base=True)
     echo(f"prompted base model ({eval_on}): next-observation NLL {base['nll_per_token']:.4f}/token")
 
@@ -123,7 +124,8 @@ def save_env_model(model: EnvModel, out_dir: Path | str, metrics: dict, opening_
     from safetensors.torch import save_file
 
     meta = {"format": FORMAT_VERSION, "config": model.cfg.model_dump(), "reward_mean": model.reward_mean,
-            "reward_std": model.reward_std, "openings": opening_states, "metrics": metrics}
+            "reward_std": model.reward_std, "longest_observation": model.longest_observation,
+            "openings": opening_states, "metrics": metrics}
     return publish_folder(out_dir, {
         WEIGHTS_FILE: lambda p: save_file({k: v.cpu().contiguous() for k, v in model.trainable_state_dict().items()}, str(p)),
         META_FILE: lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
@@ -160,6 +162,7 @@ def load_env_model(path: Path | str, device: torch.device | str | None = None, *
             raise UserError(f"{d / META_FILE}: not a valid environment model description ({type(exc).__name__})", FIX) from None
         model = EnvModel.build(cfg, device=device)
         model.reward_mean, model.reward_std = float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0))
+        model.longest_observation = meta.get("longest_observation")  # None in folders from before the cap: no cap
         try:
             state = load_safetensors(d / WEIGHTS_FILE)
         except DamagedFile as exc:
