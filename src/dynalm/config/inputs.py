@@ -96,6 +96,18 @@ class RolloutConfig(_Section):
         None, gt=0, description="Truncated importance sampling: weight each token's loss by min(π_old/π_rollout, cap) when "
         "π_old is recomputed (recompute_logprobs) and the sampler's log-probs differ; null = off."
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="What samples the training rollouts: hf = the policy itself (transformers, or dynalm's fast "
+        "decoder); vllm = a colocated vLLM engine on the same CUDA device (pip install 'dynalm[vllm]'), the LoRA merged "
+        "into its weights after every update, π_old recomputed by the training model and rollout.is_cap applied. "
+        "Single-turn tasks, one process; eval and planners keep hf.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of the GPU's memory vLLM may take for its weights and KV cache (engine vllm)."
+    )
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="vLLM's weight and activation dtype (engine vllm); the update keeps model.dtype."
+    )
 
 
 class RewardTerm(_Section):

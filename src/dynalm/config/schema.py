@@ -92,6 +92,13 @@ class Config(_Section):
             )
         if self.dyna.enabled and self.dyna.env_model and self.env.kind == "text":
             raise ValueError("dyna.env_model learns a multi-turn environment: it needs env.kind dialog, custom or model")
+        if self.rollout.engine == "vllm":
+            if self.env.kind != "text":
+                raise ValueError("rollout.engine vllm samples single-turn tasks (env.kind: text); multi-turn environments "
+                                 "roll out with rollout.engine: hf")
+            if self.rollout.recompute_logprobs is False:
+                raise ValueError("rollout.engine vllm needs π_old from the training model: set rollout.recompute_logprobs "
+                                 "to null or true")
         if self.env.kind != "dialog":
             dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement", "goal_relevance"})
             if dialog_only:

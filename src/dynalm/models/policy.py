@@ -356,6 +356,29 @@ class PolicyValueModel(nn.Module):
         return logits, values, out.past_key_values
 
     # ------------------------------------------------------------------ export
+    def save_merged_lm(self, out_dir) -> None:
+        """The policy as a plain transformers folder (LoRA merged into a copy) with its tokenizer."""
+        merged = copy.deepcopy(self.lm).merge_and_unload(adapter_names=["default"]) if self.lora else self.lm
+        merged.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+
+    @torch.no_grad()
+    def merged_weights(self):
+        """(transformers name, tensor) of every weight the policy's training changes, with the
+        LoRA delta merged: W + s·B·A for an adapted projection (base weights untouched). Without
+        LoRA, every trainable weight of the LM. For a rollout engine that holds its own copy."""
+        if not self.lora:
+            for name, p in self.lm.named_parameters():
+                if p.requires_grad:
+                    yield name, p.detach()
+            return
+        from peft.tuners.lora import LoraLayer
+
+        for name, mod in self.lm.named_modules():
+            if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+                clean = name.removeprefix("base_model.model.")
+                yield f"{clean}.weight", mod.get_base_layer().weight.detach() + mod.get_delta_weight("default")
+
     def export(self, out_dir) -> None:
         """Save a plain transformers model (the policy's LoRA merged) plus the critic:
         `value_head.safetensors` (V = weight·h + bias on the trunk's last hidden layer, value
@@ -363,12 +386,7 @@ class PolicyValueModel(nn.Module):
         (its adapter or model weights)."""
         from safetensors.torch import save_file
 
-        if self.lora:
-            merged = copy.deepcopy(self.lm).merge_and_unload(adapter_names=["default"])
-        else:
-            merged = self.lm
-        merged.save_pretrained(out_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(out_dir)
+        self.save_merged_lm(out_dir)
         if self.value_head is not None:
             w, b = self.value_head.weight.detach(), self.value_head.bias.detach()
             if self.value_norm is not None:  # V = σ(w·h + b) + μ

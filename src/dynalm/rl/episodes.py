@@ -52,11 +52,13 @@ def rollout(
     use_reference: bool = False,
     with_values: bool = True,
     score: bool = True,
+    engine=None,
 ) -> tuple[Batch, int, dict]:
     """Episodes for `rows` (one each); returns (batch, n_truncated_prompts, metrics).
 
     `use_reference` samples from the reference policy (eval's base side); `score=False`
-    leaves a single-turn batch unscored (Dyna scores it itself).
+    leaves a single-turn batch unscored (Dyna scores it itself); `engine` (a
+    models.vllm_engine.VLLMEngine) samples a single-turn batch in the policy's place.
     """
     tok, dev = model.tokenizer, model.device
     t_env = 0.0
@@ -65,9 +67,12 @@ def rollout(
     B, P = p_ids.shape
     grp = torch.tensor(group, dtype=torch.long, device=dev)
     if getattr(env, "single_turn", False):
-        ids, attn, amask, logp, values, ended = sample(
-            model, p_ids, p_mask, gen, generator=generator, with_values=with_values, use_reference=use_reference
-        )
+        if engine is not None and not use_reference:
+            ids, attn, amask, logp, values, ended = engine.sample(p_ids, p_mask, gen, generator)
+        else:
+            ids, attn, amask, logp, values, ended = sample(
+                model, p_ids, p_mask, gen, generator=generator, with_values=with_values, use_reference=use_reference
+            )
         replies = decode_completions(tok, ids, amask, ended)
         batch = Batch(ids, attn, amask, logp, values, prompts, replies, grp, ended, extras=_extras(rows, prompt_field))
         t0 = time.perf_counter()

@@ -111,6 +111,14 @@ class Trainer:
                 raise UserError("dyna.env_model trains in one process", "run it without accelerate launch")
 
             self.env_dyna = EnvDyna(cfg, model.tokenizer, model.device)
+        self.engine = None  # vLLM samples the rollouts (rollout.engine: vllm), colocated
+        if cfg.rollout.engine == "vllm":
+            from ..models.vllm_engine import VLLMEngine
+
+            if dist is not None:
+                raise UserError("rollout.engine vllm is colocated with one training process", "run it without accelerate launch")
+            self.engine = VLLMEngine(model, cfg.rollout, seed=cfg.seed,
+                                     max_model_len=cfg.model.max_prompt_tokens + cfg.generation.max_new_tokens)
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
@@ -238,7 +246,8 @@ class Trainer:
         group = [g for g in range(len(idx)) for _ in range(n)]
         def roll(env, rows, group):
             return rollout(self.model, env, rows, group, cfg.generation, max_prompt_tokens=cfg.model.max_prompt_tokens,
-                           prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None)
+                           prompt_field=cfg.data.prompt_field, generator=self.gen, training=True, score=self.dyna is None,
+                           engine=self.engine)
 
         if self.env_dyna is None:
             return (*roll(self.env, rows, group), rows, group)
@@ -263,6 +272,9 @@ class Trainer:
             )
         if wants_recompute(cfg.rollout, self.model):
             recompute_logprobs(self.model, batch, cfg.generation.temperature)
+            gap = (batch.logprobs - batch.rollout_logprobs).abs()[batch.action_mask.bool()]
+            if gap.numel():  # how far the sampler's log-probs are from the training model's (bf16, vLLM)
+                info["rollout/logprob_gap_mean"], info["rollout/logprob_gap_max"] = float(gap.mean()), float(gap.max())
         beta = self.kl_ctl.value
         shape_batch(batch, cfg, beta, dist)
         if self.model.value_norm is not None and batch.returns is not None:

@@ -42,13 +42,15 @@ def recompute_logprobs(model: PolicyValueModel, batch: Batch, temperature: float
     mask = batch.action_mask
     batch.rollout_logprobs = batch.logprobs
     batch.logprobs = out.logprobs * mask
-    if batch.values is not None and out.values is not None:
+    if out.values is not None:  # a rollout engine other than the policy reads no values
         batch.values = out.values * mask
 
 
 def wants_recompute(rollout: RolloutConfig, model: PolicyValueModel) -> bool:
+    """π_old from the training model: asked for, or by default on CUDA and whenever another
+    engine (vLLM) sampled the rollouts."""
     r = rollout.recompute_logprobs
-    return r if r is not None else model.device.type == "cuda"
+    return r if r is not None else (model.device.type == "cuda" or rollout.engine != "hf")
 
 
 class PromptSampler:

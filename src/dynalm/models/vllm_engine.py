@@ -1,0 +1,133 @@
+"""Training rollouts sampled by vLLM (`rollout.engine: vllm`), colocated with the trainer.
+
+TRL's and veRL's way on GPUs: a vLLM engine in the training process, on the same device,
+holds its own copy of the policy's weights and samples the rollouts; the trainer keeps
+transformers for everything else. dynalm's side of it:
+
+* at start the policy is written (LoRA merged) as a transformers folder that vLLM loads;
+* before each rollout, when the policy's weights moved since the last one (their version
+  counters), the merged weights of every trained projection (W + s·B·A) are loaded into the
+  engine's model in place and its prefix cache is reset;
+* prompts go in as token ids (the trainer's own tokenisation and truncation), each row with
+  its own seed drawn from the trainer's generator, so a run is reproducible on one engine
+  build; the sampler's per-token log-probs come back after temperature and top-p
+  (`logprobs_mode="processed_logprobs"`), which is what the policy's log-probs are;
+* the batch is laid out exactly as `generation.sample` lays it out (left-padded prompt,
+  completion columns, the stop token kept and counted, `ended` where it was sampled), and
+  the trainer then recomputes π_old (and V_old) with the training model and weights each
+  token by min(π_old/π_vllm, rollout.is_cap) (`rl/update.recompute_logprobs`, `rl/losses`).
+
+vLLM is an optional extra (`pip install 'dynalm[vllm]'`) and needs CUDA; without either,
+`rollout.engine: vllm` is refused in one line. Tested against a stand-in for vLLM's
+`LLM`/`SamplingParams` (tests/test_vllm_engine.py); no CUDA machine has run it yet.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from ..errors import UserError
+from .generation import stop_ids
+
+INSTALL = "pip install 'dynalm[vllm]' on a CUDA machine, or set rollout.engine: hf"
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise UserError("rollout.engine vllm needs vLLM, which is not installed", INSTALL) from None
+    return vllm
+
+
+class VLLMEngine:
+    def __init__(self, policy, rollout, *, seed: int, max_model_len: int):
+        vllm = _import_vllm()
+        self._require_cuda(policy)
+        self.policy, self.vllm = policy, vllm
+        self.folder = tempfile.TemporaryDirectory(prefix="dynalm-vllm-")
+        policy.save_merged_lm(self.folder.name)
+        # in this process (TRL's colocate mode), so that the engine's model object is reachable for weight loads
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.llm = vllm.LLM(
+            model=self.folder.name, tokenizer=self.folder.name, dtype=rollout.vllm_dtype, seed=seed,
+            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, max_model_len=max_model_len,
+            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        )
+        self._versions = self._weight_versions()
+        self.syncs = 0
+
+    @staticmethod
+    def _require_cuda(policy) -> None:
+        if policy.device.type != "cuda":
+            raise UserError(f"rollout.engine vllm runs on CUDA, and the policy is on {policy.device.type}",
+                            "set model.device: cuda on a CUDA machine, or rollout.engine: hf")
+
+    # ------------------------------------------------------------------ weights
+    def _weight_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.policy.policy_parameters())
+
+    def _engine_model(self):
+        engine = self.llm.llm_engine
+        for path in ("model_executor.driver_worker.worker.model_runner.model",  # vLLM V1 in process (and V0)
+                     "engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model"):
+            obj = engine
+            try:
+                for part in path.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            except AttributeError:
+                continue
+        raise RuntimeError("dynalm: this vLLM build does not expose its model in process: weights cannot be synced")
+
+    def sync(self) -> bool:
+        """Load the policy's merged weights into the engine when they changed. True if it loaded."""
+        now = self._weight_versions()
+        if now == self._versions:
+            return False
+        self._engine_model().load_weights(self.policy.merged_weights())
+        self.llm.reset_prefix_cache()
+        self._versions = now
+        self.syncs += 1
+        return True
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen, generator: torch.Generator | None = None):
+        """`generation.sample`'s six results for these left-padded prompts; values are None
+        (the trainer's recompute reads them off the training model)."""
+        self.sync()
+        tok = self.policy.tokenizer
+        stops = sorted(stop_ids(tok, getattr(self.policy.lm, "generation_config", None))) if gen.stop_at_eos else []
+        B, P = prompt_ids.shape
+        dev = prompt_ids.device
+        seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
+        prompts = [{"prompt_token_ids": prompt_ids[i, prompt_mask[i].bool()].tolist()} for i in range(B)]
+        params = [self.vllm.SamplingParams(
+            n=1, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or -1, max_tokens=gen.max_new_tokens,
+            logprobs=0, seed=s, stop_token_ids=stops, ignore_eos=not gen.stop_at_eos, skip_special_tokens=True,
+        ) for s in seeds]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        toks, lps = [], []
+        for o in outs:
+            c = o.outputs[0]
+            toks.append(list(c.token_ids))
+            lps.append([float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids)])
+        T = max((len(t) for t in toks), default=0)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((B, P + T), pad, dtype=torch.long, device=dev)
+        ids[:, :P] = prompt_ids
+        attn = torch.zeros((B, P + T), dtype=torch.long, device=dev)
+        attn[:, :P] = prompt_mask
+        amask = torch.zeros((B, T), dtype=torch.float32, device=dev)
+        logp = torch.zeros((B, T), dtype=torch.float32, device=dev)
+        for i, (t, lp) in enumerate(zip(toks, lps)):
+            n = len(t)
+            ids[i, P : P + n] = torch.tensor(t, dtype=torch.long)
+            attn[i, P : P + n] = 1
+            amask[i, :n] = 1.0
+            logp[i, :n] = torch.tensor(lp, dtype=torch.float32)
+        ended = torch.tensor([bool(t) and t[-1] in stops for t in toks], dtype=torch.bool, device=dev)
+        return ids, attn, amask, logp, None, ended
