@@ -47,6 +47,7 @@ def _fake_vllm():
     class LLM:
         def __init__(self, **kw):
             self.kw = kw
+            torch.manual_seed(kw["seed"])  # as vLLM does when it starts
             runner = Runner(kw["model"])
             self.model = runner.model
             self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
@@ -56,6 +57,7 @@ def _fake_vllm():
 
         def reset_prefix_cache(self):
             self.resets += 1
+            return True
 
         @torch.no_grad()
         def generate(self, prompts, params, use_tqdm=True):
@@ -91,6 +93,7 @@ def fake_vllm(monkeypatch):
 def _cfg(tiny_llama, prompts_file, **extra):
     over = tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2},
                           rollout={"engine": "vllm", "is_cap": 2.0}, eval={"enabled": False}, **extra)
+    over["model"]["max_prompt_tokens"] = 64  # prompt + completion within the tiny model's 256 positions
     return build_config(over)
 
 
@@ -155,6 +158,24 @@ def test_vllm_sample_lays_out_the_batch_like_the_policy_sampler(fake_vllm, tiny_
     assert torch.equal(again[0], out_ids)  # per-row seeds from the trainer's generator: reproducible
 
 
+def test_vllm_engine_keeps_the_run_rng_streams_and_refuses_too_long_rows(fake_vllm, tiny_llama, prompts_file):
+    from dynalm.errors import UserError
+    from dynalm.models.policy import PolicyValueModel
+    from dynalm.models.vllm_engine import VLLMEngine
+
+    cfg = _cfg(tiny_llama, prompts_file)
+    model = PolicyValueModel.from_config(cfg)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    VLLMEngine(model, cfg.rollout, seed=7, max_model_len=64)  # the stand-in reseeds torch with 7, as vLLM does
+    assert torch.equal(torch.rand(3), want)
+    with pytest.raises(UserError) as e:
+        VLLMEngine(model, cfg.rollout, seed=0, max_model_len=300)
+    assert str(e.value) == ("rollout.engine vllm: model.max_prompt_tokens + generation.max_new_tokens = 300 exceeds "
+                            "the model's 256 positions (lower either so that they fit)")
+
+
 def test_vllm_engine_refusals(tiny_llama, prompts_file, tmp_path, capsys, monkeypatch):
     import yaml
 
@@ -171,6 +192,9 @@ def test_vllm_engine_refusals(tiny_llama, prompts_file, tmp_path, capsys, monkey
         "dynalm: error: rollout.engine vllm runs on CUDA, and the policy is on cpu "
         "(set model.device: cuda on a CUDA machine, or rollout.engine: hf)")
     for sets, msg in ((["--set", "rollout.recompute_logprobs=false"], "set rollout.recompute_logprobs to null or true"),
+                      (["--set", "generation.top_p=0.9"], "set generation.top_p: 1 and generation.top_k: 0"),
+                      (["--set", "generation.top_k=50"], "set generation.top_p: 1 and generation.top_k: 0"),
+                      (["--set", "generation.temperature=0.001"], "set generation.temperature to 0.01 or more"),
                       (["--set", "env.kind=dialog"], "multi-turn environments roll out with rollout.engine: hf")):
         assert main(["config", "--set", "rollout.engine=vllm", *sets]) == 2
         assert msg in capsys.readouterr().err

@@ -99,6 +99,12 @@ class Config(_Section):
             if self.rollout.recompute_logprobs is False:
                 raise ValueError("rollout.engine vllm needs π_old from the training model: set rollout.recompute_logprobs "
                                  "to null or true")
+            if self.generation.top_p < 1 or self.generation.top_k > 0:
+                raise ValueError("rollout.engine vllm reports log-probs after top-p/top-k truncation, dynalm's sampler "
+                                 "before it: set generation.top_p: 1 and generation.top_k: 0")
+            if self.generation.temperature < 0.01:
+                raise ValueError("rollout.engine vllm samples greedily near temperature 0, without the log-probs the "
+                                 "update needs: set generation.temperature to 0.01 or more")
         if self.env.kind != "dialog":
             dialog_only = sorted({t.name for t in self.rewards} & {"user_sentiment", "engagement", "goal_relevance"})
             if dialog_only:

@@ -10,8 +10,12 @@ transformers for everything else. dynalm's side of it:
   engine's model in place and its prefix cache is reset;
 * prompts go in as token ids (the trainer's own tokenisation and truncation), each row with
   its own seed drawn from the trainer's generator, so a run is reproducible on one engine
-  build; the sampler's per-token log-probs come back after temperature and top-p
-  (`logprobs_mode="processed_logprobs"`), which is what the policy's log-probs are;
+  build; the sampler's per-token log-probs come back after temperature
+  (`logprobs_mode="processed_logprobs"`, vLLM ≥ 0.10.2), which is what the policy's
+  log-probs are. vLLM's processed log-probs are also after top-k/top-p truncation, where
+  dynalm's own sampler reports the untruncated ones, so the engine is refused with
+  generation.top_p < 1 or top_k > 0 (the two engines would weight the same tokens
+  differently);
 * the batch is laid out exactly as `generation.sample` lays it out (left-padded prompt,
   completion columns, the stop token kept and counted, `ended` where it was sampled), and
   the trainer then recomputes π_old (and V_old) with the training model and weights each
@@ -25,7 +29,10 @@ vLLM is an optional extra (`pip install 'dynalm[vllm]'`) and needs CUDA; without
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+
+import numpy as np
 
 import torch
 
@@ -48,15 +55,26 @@ class VLLMEngine:
         vllm = _import_vllm()
         self._require_cuda(policy)
         self.policy, self.vllm = policy, vllm
+        longest = getattr(policy.lm.config, "max_position_embeddings", None)
+        if longest is not None and max_model_len > longest:
+            raise UserError(f"rollout.engine vllm: model.max_prompt_tokens + generation.max_new_tokens = {max_model_len} "
+                            f"exceeds the model's {longest} positions", "lower either so that they fit")
         self.folder = tempfile.TemporaryDirectory(prefix="dynalm-vllm-")
         policy.save_merged_lm(self.folder.name)
         # in this process (TRL's colocate mode), so that the engine's model object is reachable for weight loads
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM seeds the global RNGs with its own seed when it starts: keep the run's streams as they were
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.llm = vllm.LLM(
             model=self.folder.name, tokenizer=self.folder.name, dtype=rollout.vllm_dtype, seed=seed,
             gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, max_model_len=max_model_len,
+            max_num_batched_tokens=max(4096, max_model_len),  # TRL's setting; the KV-cache profile fits a small share
             enable_prefix_caching=True, logprobs_mode="processed_logprobs",
         )
+        random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
         self._versions = self._weight_versions()
         self.syncs = 0
 
@@ -73,6 +91,7 @@ class VLLMEngine:
     def _engine_model(self):
         engine = self.llm.llm_engine
         for path in ("model_executor.driver_worker.worker.model_runner.model",  # vLLM V1 in process (and V0)
+                     "model_executor.driver_worker.model_runner.model",  # older V0 builds (TRL reads this one)
                      "engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model"):
             obj = engine
             try:
@@ -89,7 +108,8 @@ class VLLMEngine:
         if now == self._versions:
             return False
         self._engine_model().load_weights(self.policy.merged_weights())
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("dynalm: vLLM did not reset its prefix cache after a weight sync")
         self._versions = now
         self.syncs += 1
         return True
@@ -106,7 +126,7 @@ class VLLMEngine:
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
         prompts = [{"prompt_token_ids": prompt_ids[i, prompt_mask[i].bool()].tolist()} for i in range(B)]
         params = [self.vllm.SamplingParams(
-            n=1, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or -1, max_tokens=gen.max_new_tokens,
+            n=1, temperature=gen.temperature, max_tokens=gen.max_new_tokens,  # top-p/top-k off (schema)
             logprobs=0, seed=s, stop_token_ids=stops, ignore_eos=not gen.stop_at_eos, skip_special_tokens=True,
         ) for s in seeds]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
