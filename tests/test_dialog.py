@@ -415,6 +415,16 @@ def test_dialog_preset_trains_through_cli(algo, tiny_llama, tmp_path, capsys):
         assert main(["eval", "--run", str(run), "--set", "eval.max_prompts=1"]) == 0
         again = [json.loads(x) for x in (run / "transcripts.jsonl").read_text().splitlines()]
         assert [(t["side"], t["episode"]) for t in again] == [("base", 0), ("trained", 0)]
+        # with --out, an eval under other settings goes there alone: the run's eval, transcripts and
+        # report stay byte for byte (it used to overwrite them, so that a benchmark read imagined replies
+        # back as the real environment's)
+        kept = {n: (run / n).read_bytes() for n in ("eval.json", "transcripts.jsonl", "report.md")}
+        out = tmp_path / "other" / "ev.json"
+        assert main(["eval", "--run", str(run), "--set", "eval.max_prompts=2", "--out", str(out)]) == 0
+        assert {n: (run / n).read_bytes() for n in kept} == kept
+        assert json.loads(out.read_text())["n_prompts"] == 2
+        beside = [json.loads(x) for x in (tmp_path / "other" / "ev.transcripts.jsonl").read_text().splitlines()]
+        assert [(t["side"], t["episode"]) for t in beside] == [("base", 0), ("base", 1), ("trained", 0), ("trained", 1)]
 
 
 def test_turn_level_best_of_n_picks_the_best_lookahead(tiny_llama, dialog_rows, tmp_path):

@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate on the eval split: rewards, KL, perplexity, distinct-n")
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory (base vs trained; writes RUN_DIR/eval.json)")
+    src.add_argument("--run", help="run directory (base vs trained; writes RUN_DIR/eval.json, or --out)")
     src.add_argument("--model", help="evaluate a model as is")
-    e.add_argument("--out", help="write the JSON result here too")
+    e.add_argument("--out", help="write the JSON result (and a multi-turn eval's transcripts, as OUT.transcripts.jsonl) "
+                   "here instead of into the run, whose eval, transcripts and report stay as they are")
     e.add_argument("--planner", choices=PLANNERS, help="decoder for the trained policy (base always samples); lookahead: multi-turn envs, needs planner.env_model")
     _add_config_args(e)
 
@@ -213,12 +214,15 @@ def cmd_eval(args) -> int:
         result = evaluate(model, rows, cfg, base=base, trained=True, planner=planner, progress=advance)
     if not args.run:  # a bare model: one side, decoded with the planner
         result["model"] = result.pop("trained")
-    if args.run:
+    transcripts = cfg.env.kind != "text" and cfg.env.transcripts  # the conversations behind the numbers
+    if transcripts:
+        from .evaluate_episodes import write_transcripts
+    # with --out the result goes there alone: an eval under other settings (--set env.kind=model, other
+    # rewards) must not replace the run's own eval, transcripts or report
+    if args.run and not args.out:
         name = "eval.json" if planner == "sample" else f"eval-{planner}.json"
         write_text_atomic(Path(args.run) / name, json.dumps(result, indent=2, ensure_ascii=False))
-        if cfg.env.kind != "text" and cfg.env.transcripts:  # the conversations behind the numbers
-            from .evaluate_episodes import write_transcripts
-
+        if transcripts:
             tname = "transcripts.jsonl" if planner == "sample" else f"transcripts-{planner}.jsonl"
             write_transcripts(Path(args.run) / tname, result, cfg.env.transcripts)
         main_eval = Path(args.run) / "eval.json"
@@ -228,6 +232,8 @@ def cmd_eval(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.out), json.dumps(result, indent=2, ensure_ascii=False))
+        if transcripts:
+            write_transcripts(Path(args.out).with_suffix(".transcripts.jsonl"), result, cfg.env.transcripts)
     print(summary_table(result))
     return 0
 
