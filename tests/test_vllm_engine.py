@@ -92,7 +92,7 @@ def fake_vllm(monkeypatch):
 
 def _cfg(tiny_llama, prompts_file, **extra):
     over = tiny_overrides(tiny_llama, prompts_file, algorithm={"name": "grpo", "num_generations": 2},
-                          rollout={"engine": "vllm", "is_cap": 2.0}, eval={"enabled": False}, **extra)
+                          rollout={"engine": "vllm"}, eval={"enabled": False}, **extra)
     over["model"]["max_prompt_tokens"] = 64  # prompt + completion within the tiny model's 256 positions
     return build_config(over)
 
@@ -103,6 +103,7 @@ def test_vllm_rollouts_train_with_merged_weights_synced_and_pi_old_recomputed(fa
     from dynalm.run import train_rows
 
     cfg = _cfg(tiny_llama, prompts_file, train={"steps": 2, "batch_size": 4, "learning_rate": 5e-2})
+    assert cfg.rollout.is_cap == 2.0  # on by default with this engine (null = off with hf)
     seed_everything(cfg.seed)
     model = PolicyValueModel.from_config(cfg)
     trainer = Trainer(cfg, model, train_rows(cfg))

@@ -94,7 +94,7 @@ class RolloutConfig(_Section):
     )
     is_cap: float | None = Field(
         None, gt=0, description="Truncated importance sampling: weight each token's loss by min(π_old/π_rollout, cap) when "
-        "π_old is recomputed (recompute_logprobs) and the sampler's log-probs differ; null = off."
+        "π_old is recomputed (recompute_logprobs) and the sampler's log-probs differ; null = off (2 with engine vllm)."
     )
     engine: Literal["hf", "vllm"] = Field(
         "hf", description="What samples the training rollouts: hf = the policy itself (transformers, or dynalm's fast "

@@ -102,6 +102,8 @@ class Config(_Section):
             if self.generation.top_p < 1 or self.generation.top_k > 0:
                 raise ValueError("rollout.engine vllm reports log-probs after top-p/top-k truncation, dynalm's sampler "
                                  "before it: set generation.top_p: 1 and generation.top_k: 0")
+            if self.rollout.is_cap is None:  # vLLM's kernels are not the training model's: correct for it by default
+                self.rollout.is_cap = 2.0
             if self.generation.temperature < 0.01:
                 raise ValueError("rollout.engine vllm samples greedily near temperature 0, without the log-probs the "
                                  "update needs: set generation.temperature to 0.01 or more")

@@ -199,6 +199,19 @@ def sample_turn(
     return _sample(model, new_ids, new_mask, gen, generator, with_values, use_reference, False, prefix, True)
 
 
+def completion_buffers(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, T: int, tokenizer):
+    """A batch's buffers for T completion columns after the left-padded prompts: ids (padded
+    with the pad token), attention mask (the prompt's), action mask and log-probs (zeros)."""
+    B, P = prompt_ids.shape
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((B, P + T), pad, dtype=torch.long, device=prompt_ids.device)
+    ids[:, :P] = prompt_ids
+    attn = torch.zeros((B, P + T), dtype=torch.long, device=prompt_ids.device)
+    attn[:, :P] = prompt_mask
+    zeros = torch.zeros((B, T), dtype=torch.float32, device=prompt_ids.device)
+    return ids, attn, zeros, zeros.clone()
+
+
 def _sample(model, prompt_ids, prompt_mask, gen, generator, with_values, use_reference, greedy, prefix, keep_cache):
     S = 0  # columns the prefix cache has read already
     if prefix is not None:
@@ -214,13 +227,7 @@ def _sample(model, prompt_ids, prompt_mask, gen, generator, with_values, use_ref
         else None
     )
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-
-    ids = torch.full((B, P + T), pad, dtype=torch.long, device=device)
-    ids[:, :P] = prompt_ids
-    attn = torch.zeros((B, P + T), dtype=torch.long, device=device)
-    attn[:, :P] = prompt_mask
-    action_mask = torch.zeros((B, T), dtype=torch.float32, device=device)
-    logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
+    ids, attn, action_mask, logprobs = completion_buffers(prompt_ids, prompt_mask, T, model.tokenizer)
     values = torch.zeros((B, T), dtype=torch.float32, device=device) if with_values and model.value_head is not None else None
     alive = torch.ones(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)

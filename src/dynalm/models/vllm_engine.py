@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .generation import stop_ids
+from .generation import completion_buffers, stop_ids
 
 INSTALL = "pip install 'dynalm[vllm]' on a CUDA machine, or set rollout.engine: hf"
 
@@ -55,7 +55,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         self._require_cuda(policy)
         self.policy, self.vllm = policy, vllm
-        longest = getattr(policy.lm.config, "max_position_embeddings", None)
+        longest = getattr(policy.lm.config.get_text_config(), "max_position_embeddings", None)
         if longest is not None and max_model_len > longest:
             raise UserError(f"rollout.engine vllm: model.max_prompt_tokens + generation.max_new_tokens = {max_model_len} "
                             f"exceeds the model's {longest} positions", "lower either so that they fit")
@@ -66,15 +66,17 @@ class VLLMEngine:
         # vLLM seeds the global RNGs with its own seed when it starts: keep the run's streams as they were
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.llm = vllm.LLM(
-            model=self.folder.name, tokenizer=self.folder.name, dtype=rollout.vllm_dtype, seed=seed,
-            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, max_model_len=max_model_len,
-            max_num_batched_tokens=max(4096, max_model_len),  # TRL's setting; the KV-cache profile fits a small share
-            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-        )
-        random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        try:
+            self.llm = vllm.LLM(
+                model=self.folder.name, tokenizer=self.folder.name, dtype=rollout.vllm_dtype, seed=seed,
+                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, max_model_len=max_model_len,
+                max_num_batched_tokens=max(4096, max_model_len),  # TRL's setting; the KV-cache profile fits a small share
+                enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+            )
+        finally:
+            random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+            if cuda_states is not None:
+                torch.cuda.set_rng_state_all(cuda_states)
         self._versions = self._weight_versions()
         self.syncs = 0
 
@@ -86,6 +88,8 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
     def _weight_versions(self) -> tuple[int, ...]:
+        # in-place updates bump a tensor's version (the update's AdamW is built with fused=False for
+        # this: fused kernels do not bump it; the fast decoder relies on the same counters)
         return tuple(p._version for p in self.policy.policy_parameters())
 
     def _engine_model(self):
@@ -108,7 +112,7 @@ class VLLMEngine:
         if now == self._versions:
             return False
         self._engine_model().load_weights(self.policy.merged_weights())
-        if self.llm.reset_prefix_cache() is False:
+        if self.llm.reset_prefix_cache() is False:  # newer builds say whether it reset; older ones return None
             raise RuntimeError("dynalm: vLLM did not reset its prefix cache after a weight sync")
         self._versions = now
         self.syncs += 1
@@ -136,13 +140,7 @@ class VLLMEngine:
             toks.append(list(c.token_ids))
             lps.append([float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids)])
         T = max((len(t) for t in toks), default=0)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((B, P + T), pad, dtype=torch.long, device=dev)
-        ids[:, :P] = prompt_ids
-        attn = torch.zeros((B, P + T), dtype=torch.long, device=dev)
-        attn[:, :P] = prompt_mask
-        amask = torch.zeros((B, T), dtype=torch.float32, device=dev)
-        logp = torch.zeros((B, T), dtype=torch.float32, device=dev)
+        ids, attn, amask, logp = completion_buffers(prompt_ids, prompt_mask, T, tok)
         for i, (t, lp) in enumerate(zip(toks, lps)):
             n = len(t)
             ids[i, P : P + n] = torch.tensor(t, dtype=torch.long)
