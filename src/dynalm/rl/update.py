@@ -89,11 +89,11 @@ def build_optimizer(model: PolicyValueModel, t: TrainConfig) -> torch.optim.Opti
     groups = [{"params": model.policy_parameters(), "lr": t.learning_rate}]
     if model.value_head is not None:
         groups.append({"params": model.value_parameters(), "lr": t.value_learning_rate or t.learning_rate})
+    # fused=False: fused kernels do not bump the parameters' version counters, which the fast decoder's
+    # cache and the vLLM engine's weight sync read to see that the policy moved
     if t.weight_decay:
-        # fused=False: fused kernels do not bump the parameters' version counters, which the fast decoder's
-        # cache and the vLLM engine's weight sync read to see that the policy moved
         return torch.optim.AdamW(groups, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, fused=False)
-    return torch.optim.Adam(groups, betas=tuple(t.adam_betas))
+    return torch.optim.Adam(groups, betas=tuple(t.adam_betas), fused=False)
 
 
 def build_scheduler(opt, t: TrainConfig):
