@@ -269,6 +269,32 @@ def test_best_of_n_by_value_makes_no_reward_call(tiny_llama, prompts_file):
         plan(model, env, ROWS, cfg.generation, PlannerConfig(name="mcts"), max_prompt_tokens=64)
 
 
+@pytest.mark.parametrize("rank_by", ["reward", "value"])
+def test_best_of_n_decodes_many_candidates_in_bounded_batches(rank_by, tiny_llama, prompts_file, monkeypatch):
+    """rows × n above CANDIDATES_PER_BATCH are decoded in batches of at most that many rows
+    (best-of-428 on 16 prompts in one batch was killed at 24 GB), and each row still gets the
+    best of its own n candidates."""
+    import dynalm.planning.planner as planner
+
+    cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 6})
+    sizes, real_sample = [], planner.sample
+
+    def counting(model, ids, *a, **kw):
+        sizes.append(ids.shape[0])
+        return real_sample(model, ids, *a, **kw)
+
+    monkeypatch.setattr(planner, "sample", counting)
+    monkeypatch.setattr(planner, "CANDIDATES_PER_BATCH", 4)
+    res = plan(model, env, ROWS, cfg.generation, PlannerConfig(name="best-of-n", n=3, rank_by=rank_by), max_prompt_tokens=64)
+    assert sizes == [4, 2]  # 2 rows × 3 candidates
+    assert 2 <= res.forward_passes <= 2 * 6 and len(res.completions) == 2
+    for comp, cands, scores in zip(res.completions, res.candidates, res.candidate_scores):
+        assert len(cands) == len(scores) == 3
+        if rank_by == "reward":
+            assert scores == [len(c.split()) for c in cands]
+        assert comp == cands[max(range(3), key=scores.__getitem__)]
+
+
 def test_mcts_kl_term_matches_reference_logprobs(tiny_llama, prompts_file):
     """With kl_coef > 0 a child's path reward is −kl_coef·(log π − log π_ref) of its token."""
     cfg, model, env = _setup(tiny_llama, prompts_file, generation={"max_new_tokens": 3, "stop_at_eos": False})
