@@ -198,6 +198,7 @@ def _eval_progress(cfg, rows: list, *, sides: int, planner: str):
 def cmd_eval(args) -> int:
     from .checkpoint import write_text_atomic
     from .evaluate import evaluate, summary_table
+    from .evaluate_episodes import write_transcripts
     from .report import finalize_report
     from .rundir import publish_eval
     from .run import eval_rows
@@ -215,8 +216,6 @@ def cmd_eval(args) -> int:
     if not args.run:  # a bare model: one side, decoded with the planner
         result["model"] = result.pop("trained")
     transcripts = cfg.env.kind != "text" and cfg.env.transcripts  # the conversations behind the numbers
-    if transcripts:
-        from .evaluate_episodes import write_transcripts
     # with --out the result goes there alone: an eval under other settings (--set env.kind=model, other
     # rewards) must not replace the run's own eval, transcripts or report
     if args.run and not args.out:

@@ -17,22 +17,7 @@ from .envs import TextEnv
 from .models.policy import PolicyValueModel
 from .metrics import self_bleu
 from .rewards import text as lex
-from .models.generation import decode_completions, encode_prompts, sample
-
-
-def _assemble(prompt_ids, prompt_mask, token_lists, pad: int):
-    """[prompt | completion] rows from completion token lists (right-padded), with masks."""
-    B, P = prompt_ids.shape
-    T = max(1, max(len(t) for t in token_lists))
-    ids = torch.full((B, P + T), pad, dtype=torch.long, device=prompt_ids.device)
-    attn = torch.zeros((B, P + T), dtype=torch.long, device=prompt_ids.device)
-    ids[:, :P], attn[:, :P] = prompt_ids, prompt_mask
-    amask = torch.zeros((B, T), dtype=torch.float32, device=prompt_ids.device)
-    for i, toks in enumerate(token_lists):
-        ids[i, P : P + len(toks)] = torch.tensor(toks, dtype=torch.long)
-        attn[i, P : P + len(toks)] = 1
-        amask[i, : len(toks)] = 1
-    return ids, attn, amask
+from .models.generation import assemble_completions, decode_completions, encode_prompts, sample
 
 
 def limit_rows(rows: list[dict], e: EvalConfig) -> list[dict]:
@@ -80,8 +65,8 @@ def evaluate_side(
             res = plan(model, env, chunk, cfg.generation, pcfg, max_prompt_tokens=cfg.model.max_prompt_tokens, generator=gen,
                        on_done=progress, rng=mcts_rng, path_reward=path_reward_for(cfg, model))
             comps, end, passes = res.completions, res.ended, passes + res.forward_passes
-            pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-            ids, attn, amask = _assemble(p_ids, p_mask, res.token_ids, pad)
+            T = max(1, max(len(t) for t in res.token_ids))
+            ids, attn, amask, _ = assemble_completions(p_ids, p_mask, res.token_ids, T, model.tokenizer)
             logp = model(ids, attn, amask.shape[1], temperature=temp, entropy=False).logprobs
         T = amask.shape[1]
         ref_lp = model.reference_logprobs(ids, attn, T, temp)

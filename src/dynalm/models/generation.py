@@ -212,6 +212,20 @@ def completion_buffers(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, T: i
     return ids, attn, zeros, zeros.clone()
 
 
+def assemble_completions(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, token_lists: list[list[int]], T: int, tokenizer):
+    """[prompt | completion] rows from each row's completion tokens (T columns, right-padded):
+    `completion_buffers` with the tokens, their attention and action mask filled in; the
+    log-probs are left at zero for the caller."""
+    ids, attn, amask, logp = completion_buffers(prompt_ids, prompt_mask, T, tokenizer)
+    P = prompt_ids.shape[1]
+    for i, toks in enumerate(token_lists):
+        n = len(toks)
+        ids[i, P : P + n] = torch.tensor(toks, dtype=torch.long)
+        attn[i, P : P + n] = 1
+        amask[i, :n] = 1.0
+    return ids, attn, amask, logp
+
+
 def _sample(model, prompt_ids, prompt_mask, gen, generator, with_values, use_reference, greedy, prefix, keep_cache):
     S = 0  # columns the prefix cache has read already
     if prefix is not None:

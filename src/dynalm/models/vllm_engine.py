@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .generation import completion_buffers, stop_ids
+from .generation import assemble_completions, stop_ids
 
 INSTALL = "pip install 'dynalm[vllm]' on a CUDA machine, or set rollout.engine: hf"
 
@@ -79,6 +79,13 @@ class VLLMEngine:
                 torch.cuda.set_rng_state_all(cuda_states)
         self._versions = self._weight_versions()
         self.syncs = 0
+
+    @classmethod
+    def for_run(cls, cfg, policy, *, distributed: bool) -> "VLLMEngine":
+        """The engine a run's config asks for (rollout.engine: vllm), seeded with the run."""
+        if distributed:
+            raise UserError("rollout.engine vllm is colocated with one training process", "run it without accelerate launch")
+        return cls(policy, cfg.rollout, seed=cfg.seed, max_model_len=cfg.model.max_prompt_tokens + cfg.generation.max_new_tokens)
 
     @staticmethod
     def _require_cuda(policy) -> None:
@@ -125,8 +132,7 @@ class VLLMEngine:
         self.sync()
         tok = self.policy.tokenizer
         stops = sorted(stop_ids(tok, getattr(self.policy.lm, "generation_config", None))) if gen.stop_at_eos else []
-        B, P = prompt_ids.shape
-        dev = prompt_ids.device
+        B, dev = prompt_ids.shape[0], prompt_ids.device
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
         prompts = [{"prompt_token_ids": prompt_ids[i, prompt_mask[i].bool()].tolist()} for i in range(B)]
         params = [self.vllm.SamplingParams(
@@ -140,12 +146,8 @@ class VLLMEngine:
             toks.append(list(c.token_ids))
             lps.append([float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids)])
         T = max((len(t) for t in toks), default=0)
-        ids, attn, amask, logp = completion_buffers(prompt_ids, prompt_mask, T, tok)
-        for i, (t, lp) in enumerate(zip(toks, lps)):
-            n = len(t)
-            ids[i, P : P + n] = torch.tensor(t, dtype=torch.long)
-            attn[i, P : P + n] = 1
-            amask[i, :n] = 1.0
-            logp[i, :n] = torch.tensor(lp, dtype=torch.float32)
+        ids, attn, amask, logp = assemble_completions(prompt_ids, prompt_mask, toks, T, tok)
+        for i, lp in enumerate(lps):
+            logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
         ended = torch.tensor([bool(t) and t[-1] in stops for t in toks], dtype=torch.bool, device=dev)
         return ids, attn, amask, logp, None, ended

@@ -115,10 +115,7 @@ class Trainer:
         if cfg.rollout.engine == "vllm":
             from ..models.vllm_engine import VLLMEngine
 
-            if dist is not None:
-                raise UserError("rollout.engine vllm is colocated with one training process", "run it without accelerate launch")
-            self.engine = VLLMEngine(model, cfg.rollout, seed=cfg.seed,
-                                     max_model_len=cfg.model.max_prompt_tokens + cfg.generation.max_new_tokens)
+            self.engine = VLLMEngine.for_run(cfg, model, distributed=dist is not None)
 
     # -------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
